@@ -1,3 +1,34 @@
-"""Tempo long-video question answering for Hugging Face transformers."""
+"""Tempo long-video question answering for Hugging Face transformers.
+
+Importing this package registers Tempo with transformers' Auto classes (config, model, processor)
+and the `video-question-answering` pipeline task.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoModelForMultimodalLM
+
+from .configuration_tempo import TempoConfig
+from .modeling_tempo import (
+    TempoCausalLMOutputWithPast,
+    TempoForConditionalGeneration,
+    TempoModel,
+    TempoPreTrainedModel,
+)
+from .token_allocation import allocate_tokens, select_tokens
 
 __version__ = "0.1.0"
+
+AutoConfig.register("tempo", TempoConfig, exist_ok=True)
+# What users write is `AutoModel.from_pretrained(...)`: it returns the full generation model, and so
+# do the auto classes transformers uses for image/video-text-to-text generation.
+for _auto in (AutoModel, AutoModelForImageTextToText, AutoModelForMultimodalLM):
+    _auto.register(TempoConfig, TempoForConditionalGeneration, exist_ok=True)
+
+__all__ = [
+    "TempoConfig",
+    "TempoForConditionalGeneration",
+    "TempoModel",
+    "TempoPreTrainedModel",
+    "TempoCausalLMOutputWithPast",
+    "allocate_tokens",
+    "select_tokens",
+]

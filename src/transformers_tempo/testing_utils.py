@@ -100,3 +100,92 @@ def build_tiny_tokenizer():
     )
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
     return tokenizer
+
+
+def tiny_tempo_config(tokenizer=None, **overrides):
+    """A `TempoConfig` with toy-sized real Qwen3-VL and Qwen3 networks for this tokenizer's vocabulary.
+
+    Memory tokens default to 16 (the released model has 128) so that ATA has room to act on tiny inputs.
+    """
+    from .configuration_tempo import TempoConfig
+
+    tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
+    vocab_size = len(tokenizer)
+    compressor = {
+        "model_type": "qwen3_vl",
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "text_config": {
+            "model_type": "qwen3_vl_text",
+            "vocab_size": vocab_size,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 5000000,
+                "mrope_interleaved": True,
+                "mrope_section": [4, 2, 2],
+            },
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        "vision_config": {
+            "model_type": "qwen3_vl_vision",
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "patch_size": 16,
+            "temporal_patch_size": 2,
+            "spatial_merge_size": 2,
+            "out_hidden_size": 64,
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [0, 1],
+        },
+    }
+    text = {
+        "model_type": "qwen3",
+        "vocab_size": vocab_size,
+        "hidden_size": 48,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 12,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+        "pad_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+    }
+    settings = {
+        "num_memory_tokens": 16,
+        "video_token_id": ids["<|video_pad|>"],
+        "image_token_id": ids["<|image_pad|>"],
+        "max_context_length": 4096,
+        "visual_token_budget": 64,
+        "compressor_batch_size": 4,
+    }
+    settings.update(overrides)
+    return TempoConfig(compressor_config=compressor, text_config=text, **settings)
+
+
+def build_tiny_model(tokenizer=None, seed: int = 0, **overrides):
+    """A randomly initialised tiny `TempoForConditionalGeneration` (float32, eval mode)."""
+    import torch
+
+    from .modeling_tempo import TempoForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = tiny_tempo_config(tokenizer, **overrides)
+    model = TempoForConditionalGeneration(config)
+    # A random relevance vector, so that segments get different scores and ATA has work to do.
+    with torch.no_grad():
+        model.model.relevance_head.weight.normal_(0.0, 1.0)
+    return model.eval()

@@ -1,0 +1,708 @@
+"""Tempo: a Qwen3-VL compressor, Adaptive Token Allocation, a projector and a Qwen3 decoder.
+
+The file reads in the order data flows:
+  1. compressor   segment rows -> (S, M, Dc) memory features + relevance score per segment
+  2. allocation   scores -> kept count per segment (ATA, `token_allocation.py`)
+  3. projector    Dc -> Dd
+  4. splice       each decoder placeholder -> its kept features (labels, mask, truncation follow)
+  5. decoder      Qwen3 -> logits, loss, KV cache; `generate()` continues from there
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import ModelOutput
+from transformers.utils import logging
+
+from .configuration_tempo import TempoConfig
+from .token_allocation import ata_for_samples, select_tokens
+
+logger = logging.get_logger(__name__)
+
+IGNORE_INDEX = -100
+ATA_OPTION_NAMES = ("visual_token_budget", "min_tokens_per_segment", "use_ata", "token_selection")
+
+
+@dataclass
+class TempoCompressorOutput(ModelOutput):
+    """Per-segment outputs of the compressor.
+
+    features: (S, num_memory_tokens, compressor_hidden) last hidden states at the memory positions.
+    relevance_scores: (S,) float32 sigmoid(r . h) of the token just before the first memory token.
+    """
+
+    features: torch.FloatTensor | None = None
+    relevance_scores: torch.FloatTensor | None = None
+
+
+@dataclass
+class TempoModelOutputWithPast(ModelOutput):
+    last_hidden_state: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    relevance_scores: torch.FloatTensor | None = None
+    token_allocation: torch.LongTensor | None = None
+    segment_sample_index: torch.LongTensor | None = None
+    labels: torch.LongTensor | None = None
+
+
+@dataclass
+class TempoCausalLMOutputWithPast(ModelOutput):
+    """
+    loss: language-modelling loss over the spliced sequence (when `labels` are given).
+    logits: (B, L, vocab) over the spliced sequence (visual features included).
+    cache: the decoder KV cache.
+    relevance_scores: (S,) one score per compressor row (segment or image), float32.
+    token_allocation: (S,) features kept per row (ATA for video segments, all for images).
+    segment_sample_index: (S,) which sample of the batch each row belongs to.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    relevance_scores: torch.FloatTensor | None = None
+    token_allocation: torch.LongTensor | None = None
+    segment_sample_index: torch.LongTensor | None = None
+
+    @property
+    def past_key_values(self):  # the name most users know
+        return self.cache
+
+
+@dataclass
+class DecoderInputs:
+    """What the splice hands to the decoder."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None
+    relevance_scores: torch.Tensor | None
+    token_allocation: torch.Tensor | None
+    segment_sample_index: torch.Tensor | None
+
+
+class TempoProjector(nn.Module):
+    """LLaVA's `mlp2x_gelu` (Linear, GELU, Linear) or `linear`, compressor width -> decoder width."""
+
+    def __init__(self, config: TempoConfig):
+        super().__init__()
+        in_dim, out_dim = config.compressor_hidden_size, config.text_config.hidden_size
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        if config.projector_type == "mlp2x_gelu":
+            self.act = nn.GELU()
+            self.linear_2 = nn.Linear(out_dim, out_dim)
+        else:
+            self.act = None
+            self.linear_2 = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear_1(x)
+        if self.linear_2 is not None:
+            x = self.linear_2(self.act(x))
+        return x
+
+
+class TempoPreTrainedModel(PreTrainedModel):
+    config: TempoConfig
+    config_class = TempoConfig
+    base_model_prefix = "model"
+    input_modalities = ("video", "image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen3VLVisionBlock", "Qwen3VLTextDecoderLayer", "Qwen3DecoderLayer"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
+    # The relevance vector is a difference of two LM-head rows; scoring is float32 as released.
+    _keep_in_fp32_modules_strict = ["relevance_head"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, TempoModel):
+            std = getattr(self.config.text_config, "initializer_range", 0.02)
+            module.memory_tokens.normal_(mean=0.0, std=std)
+
+
+class TempoModel(TempoPreTrainedModel):
+    """Compressor (Qwen3-VL body + memory tokens + relevance head), projector and Qwen3 decoder body."""
+
+    def __init__(self, config: TempoConfig):
+        super().__init__(config)
+        self.compressor = AutoModel.from_config(config.compressor_config)
+        hidden_c = config.compressor_hidden_size
+        self.memory_tokens = nn.Parameter(torch.zeros(config.num_memory_tokens, hidden_c))
+        self.relevance_head = nn.Linear(hidden_c, 1, bias=False)
+        self.projector = TempoProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    # ------------------------------------------------------------------ 1. compressor
+    def compress(
+        self,
+        compressor_input_ids: torch.LongTensor,
+        compressor_attention_mask: torch.Tensor,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        compressor_batch_size: int | None = None,
+    ) -> TempoCompressorOutput:
+        """Run every compressor row (one per video segment or image), `compressor_batch_size` rows at a time.
+
+        Rows are right-padded prompts; the memory tokens go right after each row's own prompt.
+        Video rows and image rows are chunked separately (each chunk holds one kind), and the
+        outputs come back in row order.
+        """
+        cfg = self.config.compressor_config
+        ids = compressor_input_ids
+        num_rows = ids.shape[0]
+        is_video = (ids == cfg.video_token_id).any(dim=1)
+        is_image = (ids == cfg.image_token_id).any(dim=1)
+        if bool((is_video & is_image).any()):
+            raise ValueError("a compressor row holds both a video and an image; one visual input per row")
+
+        chunk = compressor_batch_size or self.config.compressor_batch_size
+        features = None
+        scores = torch.empty(num_rows, dtype=torch.float32, device=ids.device)
+        for kind_mask, pixels, grid in (
+            (is_video, pixel_values_videos, video_grid_thw),
+            (is_image, pixel_values, image_grid_thw),
+            (~(is_video | is_image), None, None),
+        ):
+            rows = kind_mask.nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            if pixels is not None and grid is None:
+                raise ValueError("pixel values were given without their grid_thw")
+            if grid is not None and grid.shape[0] != rows.numel():
+                raise ValueError(
+                    f"{grid.shape[0]} visual grids for {rows.numel()} compressor rows that hold that kind of input"
+                )
+            patch_offsets = None
+            if grid is not None:
+                patch_offsets = F.pad(grid.prod(-1).cumsum(0), (1, 0))
+            for start in range(0, rows.numel(), chunk):
+                sel = rows[start : start + chunk]
+                chunk_pixels = chunk_grid = None
+                if grid is not None:
+                    chunk_grid = grid[start : start + chunk]
+                    chunk_pixels = pixels[patch_offsets[start] : patch_offsets[start + sel.numel()]]
+                feats, rel = self._compress_rows(
+                    ids[sel], compressor_attention_mask[sel], chunk_pixels, chunk_grid, video=kind_mask is is_video
+                )
+                if features is None:
+                    features = feats.new_empty(num_rows, *feats.shape[1:])
+                features[sel] = feats
+                scores[sel] = rel
+        return TempoCompressorOutput(features=features, relevance_scores=scores)
+
+    def _compress_rows(self, ids, mask, pixels, grid, video: bool):
+        cfg = self.config.compressor_config
+        num_memory = self.config.num_memory_tokens
+        rows = ids.shape[0]
+        lengths = mask.sum(dim=1)
+        width = int(lengths.max()) + num_memory
+        pad_id = cfg.text_config.pad_token_id
+        pad_id = 0 if pad_id is None else pad_id
+        # Room for the memory tokens: drop surplus right padding, append M columns.
+        ids = ids[:, : int(lengths.max())]
+        ids = F.pad(ids, (0, num_memory), value=pad_id)
+        cols = torch.arange(width, device=ids.device)[None, :]
+        memory_mask = (cols >= lengths[:, None]) & (cols < lengths[:, None] + num_memory)
+        attention_mask = (cols < lengths[:, None] + num_memory).long()
+        ids = ids.masked_fill(memory_mask, pad_id)  # memory positions count as text for M-RoPE
+
+        embed = self.compressor.get_input_embeddings()
+        inputs_embeds = embed(ids)
+        visual_pos_masks = deepstack = None
+        grid_kwargs = {}
+        if pixels is not None:
+            token_id = cfg.video_token_id if video else cfg.image_token_id
+            vision = self.compressor.get_image_features(pixels, grid, return_dict=True)
+            visual_embeds = torch.cat(vision.pooler_output, dim=0).to(inputs_embeds.dtype)
+            visual_pos_masks = ids == token_id
+            if int(visual_pos_masks.sum()) != visual_embeds.shape[0]:
+                raise ValueError(
+                    f"compressor rows hold {int(visual_pos_masks.sum())} visual tokens but the pixels give "
+                    f"{visual_embeds.shape[0]} features: the prompts and grid_thw do not match"
+                )
+            inputs_embeds = inputs_embeds.masked_scatter(visual_pos_masks[..., None], visual_embeds)
+            deepstack = [torch.cat(f, dim=0) for f in vision.deepstack_features]
+            grid_kwargs = {"video_grid_thw": grid} if video else {"image_grid_thw": grid}
+        memory = self.memory_tokens.to(inputs_embeds.dtype)
+        inputs_embeds = inputs_embeds.masked_scatter(memory_mask[..., None], memory.expand(rows, -1, -1))
+
+        mm_token_type_ids = torch.zeros_like(ids, dtype=torch.int)
+        if pixels is not None:
+            mm_token_type_ids[visual_pos_masks] = 2 if video else 1
+        position_ids, _ = self.compressor.get_rope_index(
+            ids, mm_token_type_ids=mm_token_type_ids, attention_mask=attention_mask, **grid_kwargs
+        )
+        out = self.compressor.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            visual_pos_masks=visual_pos_masks,
+            deepstack_visual_embeds=deepstack,
+        )
+        hidden = out.last_hidden_state
+        features = hidden[memory_mask].view(rows, num_memory, -1)
+        before_memory = hidden[torch.arange(rows, device=hidden.device), lengths - 1]
+        relevance = self.relevance_scores(before_memory)
+        return features, relevance
+
+    def relevance_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """sigmoid(r . h) in float32, one score per row of `hidden` (N, Dc)."""
+        weight = self.relevance_head.weight.float()
+        return torch.sigmoid(F.linear(hidden.float(), weight)).squeeze(-1)
+
+    # ------------------------------------------------------------------ 2-4. allocation, projector, splice
+    def prepare_decoder_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        compressor_input_ids: torch.LongTensor | None = None,
+        compressor_attention_mask: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        timestamp_mask: torch.Tensor | None = None,
+        visual_token_budget: int | None = None,
+        min_tokens_per_segment: int | None = None,
+        use_ata: bool | None = None,
+        token_selection: str | None = None,
+        padding_side: str | None = None,
+        compressor_batch_size: int | None = None,
+    ) -> DecoderInputs:
+        """Compress, allocate, project and splice: returns the decoder's `inputs_embeds` and friends.
+
+        Each decoder placeholder (`video_token_id` per video segment, `image_token_id` per image) is
+        replaced by the kept features of the compressor row with the same rank: placeholders are read
+        row-major over the batch and match compressor rows in order.
+        """
+        cfg = self.config
+        batch, seq = input_ids.shape
+        device = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if padding_side is None:
+            padding_side = "left" if bool((attention_mask[:, 0] == 0).any()) else "right"
+        embed = self.get_input_embeddings()
+        placeholder = ((input_ids == cfg.video_token_id) | (input_ids == cfg.image_token_id)) & attention_mask.bool()
+        num_placeholders = int(placeholder.sum())
+        num_rows = 0 if compressor_input_ids is None else compressor_input_ids.shape[0]
+        if num_placeholders != num_rows:
+            raise ValueError(
+                f"the decoder prompt holds {num_placeholders} visual placeholders but {num_rows} compressor rows "
+                "were given; build both with TempoProcessor"
+            )
+
+        relevance = allocation = sample_index = None
+        kept = []
+        if num_rows:
+            compressed = self.compress(
+                compressor_input_ids,
+                compressor_attention_mask,
+                pixel_values_videos=pixel_values_videos,
+                video_grid_thw=video_grid_thw,
+                pixel_values=pixel_values,
+                image_grid_thw=image_grid_thw,
+                compressor_batch_size=compressor_batch_size,
+            )
+            relevance = compressed.relevance_scores
+            sample_index = placeholder.nonzero()[:, 0]  # row-major order == compressor row order
+            is_video_row = input_ids[placeholder] == cfg.video_token_id
+            row_has_video = (compressor_input_ids == cfg.compressor_config.video_token_id).any(dim=1)
+            if not torch.equal(is_video_row, row_has_video):
+                raise ValueError("decoder placeholders and compressor rows disagree on which rows are video")
+            allocation = torch.full((num_rows,), cfg.num_memory_tokens, dtype=torch.long, device=device)
+            if use_ata and bool(is_video_row.any()):
+                allocation[is_video_row] = ata_for_samples(
+                    relevance[is_video_row],
+                    sample_index[is_video_row],
+                    budget=int(visual_token_budget),
+                    min_tokens=int(min_tokens_per_segment),
+                    max_tokens=cfg.num_memory_tokens,
+                ).to(device)
+            features = self.projector(compressed.features)
+            kept = select_tokens(features, allocation, strategy=token_selection)
+
+        embeds_list, labels_list = [], []
+        text_embeds = embed(input_ids)
+        limit_visual = cfg.max_context_length - cfg.reserved_context_tokens
+        kept_iter = iter(kept)
+        for b in range(batch):
+            valid = attention_mask[b].bool()
+            ids_b = input_ids[b, valid]
+            emb_b = text_embeds[b, valid]
+            lab_b = labels[b, valid] if labels is not None else None
+            ts_b = timestamp_mask[b, valid].bool() if timestamp_mask is not None else torch.zeros_like(ids_b, dtype=torch.bool)
+            ph_b = placeholder[b, valid]
+            pieces, lab_pieces, visual_flags = [], [], []
+            ph_positions = ph_b.nonzero().flatten().tolist()
+            start = 0
+            for pos in ph_positions + [ids_b.shape[0]]:
+                if pos > start:
+                    pieces.append(emb_b[start:pos])
+                    visual_flags.append(ts_b[start:pos])
+                    if lab_b is not None:
+                        lab_pieces.append(lab_b[start:pos])
+                if pos < ids_b.shape[0]:
+                    feats = next(kept_iter).to(emb_b.dtype)
+                    pieces.append(feats)
+                    visual_flags.append(torch.ones(feats.shape[0], dtype=torch.bool, device=device))
+                    if lab_b is not None:
+                        lab_pieces.append(torch.full((feats.shape[0],), IGNORE_INDEX, dtype=lab_b.dtype, device=device))
+                start = pos + 1
+            emb_b = torch.cat(pieces) if pieces else emb_b[:0]
+            vis_b = torch.cat(visual_flags) if visual_flags else ts_b[:0]
+            lab_b = torch.cat(lab_pieces) if lab_b is not None and lab_pieces else lab_b
+            # The reference's context limit: cut the visual part at its end when text + visual
+            # would exceed max_context_length - reserved tokens; then cap the whole sequence.
+            num_visual = int(vis_b.sum())
+            max_visual = limit_visual - (emb_b.shape[0] - num_visual)
+            if num_visual > max(max_visual, 0):
+                cut = num_visual - max(max_visual, 0)
+                visual_positions = vis_b.nonzero().flatten()
+                keep = torch.ones_like(vis_b)
+                keep[visual_positions[num_visual - cut :]] = False
+                emb_b = emb_b[keep]
+                lab_b = lab_b[keep] if lab_b is not None else None
+                logger.warning_once(
+                    f"sample {b}: text + visual tokens exceed the context limit ({cfg.max_context_length}); "
+                    f"the last {cut} visual positions were cut"
+                )
+            emb_b = emb_b[: cfg.max_context_length]
+            lab_b = lab_b[: cfg.max_context_length] if lab_b is not None else None
+            embeds_list.append(emb_b)
+            labels_list.append(lab_b)
+
+        max_len = max(e.shape[0] for e in embeds_list)
+        dim = text_embeds.shape[-1]
+        inputs_embeds = text_embeds.new_zeros(batch, max_len, dim)
+        new_mask = torch.zeros(batch, max_len, dtype=attention_mask.dtype, device=device)
+        new_labels = None
+        if labels is not None:
+            new_labels = torch.full((batch, max_len), IGNORE_INDEX, dtype=labels.dtype, device=device)
+        for b, emb_b in enumerate(embeds_list):
+            n = emb_b.shape[0]
+            sl = slice(max_len - n, max_len) if padding_side == "left" else slice(0, n)
+            inputs_embeds[b, sl] = emb_b
+            new_mask[b, sl] = 1
+            if new_labels is not None:
+                new_labels[b, sl] = labels_list[b]
+        return DecoderInputs(
+            inputs_embeds=inputs_embeds,
+            attention_mask=new_mask,
+            labels=new_labels,
+            relevance_scores=relevance,
+            token_allocation=allocation,
+            segment_sample_index=sample_index,
+        )
+
+    # ------------------------------------------------------------------ 5. decoder
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        compressor_input_ids: torch.LongTensor | None = None,
+        compressor_attention_mask: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        timestamp_mask: torch.Tensor | None = None,
+        visual_token_budget: int | None = None,
+        min_tokens_per_segment: int | None = None,
+        use_ata: bool | None = None,
+        token_selection: str | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> TempoModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        relevance = allocation = sample_index = None
+        if input_ids is not None:
+            needs_splice = compressor_input_ids is not None or bool(
+                ((input_ids == self.config.video_token_id) | (input_ids == self.config.image_token_id)).any()
+            )
+            if needs_splice:
+                prepared = self.prepare_decoder_inputs(
+                    input_ids,
+                    attention_mask=attention_mask,
+                    labels=labels,
+                    compressor_input_ids=compressor_input_ids,
+                    compressor_attention_mask=compressor_attention_mask,
+                    pixel_values_videos=pixel_values_videos,
+                    video_grid_thw=video_grid_thw,
+                    pixel_values=pixel_values,
+                    image_grid_thw=image_grid_thw,
+                    timestamp_mask=timestamp_mask,
+                    **resolve_ata_options(
+                        self, visual_token_budget, min_tokens_per_segment, use_ata, token_selection
+                    ),
+                )
+                inputs_embeds, attention_mask, labels = prepared.inputs_embeds, prepared.attention_mask, prepared.labels
+                relevance, allocation = prepared.relevance_scores, prepared.token_allocation
+                sample_index = prepared.segment_sample_index
+                input_ids = None
+                position_ids = None
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            # Positions count only real tokens, so left padding changes nothing.
+            length = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+        outputs = self.language_model(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return TempoModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=getattr(outputs, "cache", None),
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+            relevance_scores=relevance,
+            token_allocation=allocation,
+            segment_sample_index=sample_index,
+            labels=labels,
+        )
+
+
+def resolve_ata_options(model, visual_token_budget, min_tokens_per_segment, use_ata, token_selection) -> dict:
+    """Per-call ATA options, falling back to the generation config, then the model config.
+
+    ATA is an inference-time choice: in training mode it is off unless `use_ata=True` is passed.
+    """
+    gen = getattr(model, "generation_config", None)
+    cfg = model.config
+
+    def pick(value, name):
+        if value is not None:
+            return value.item() if isinstance(value, torch.Tensor) else value
+        if gen is not None and getattr(gen, name, None) is not None:
+            return getattr(gen, name)
+        return getattr(cfg, name)
+
+    resolved = {
+        "visual_token_budget": int(pick(visual_token_budget, "visual_token_budget")),
+        "min_tokens_per_segment": int(pick(min_tokens_per_segment, "min_tokens_per_segment")),
+        "token_selection": pick(token_selection, "token_selection"),
+    }
+    if use_ata is None:
+        resolved["use_ata"] = False if model.training else bool(pick(None, "use_ata"))
+    else:
+        resolved["use_ata"] = bool(use_ata.item() if isinstance(use_ata, torch.Tensor) else use_ata)
+    if resolved["visual_token_budget"] < 1:
+        raise ValueError(f"visual_token_budget must be >= 1, got {resolved['visual_token_budget']}")
+    if not 1 <= resolved["min_tokens_per_segment"] <= cfg.num_memory_tokens:
+        raise ValueError(
+            f"min_tokens_per_segment must be in [1, {cfg.num_memory_tokens}], got {resolved['min_tokens_per_segment']}"
+        )
+    return resolved
+
+
+class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: TempoConfig):
+        super().__init__(config)
+        self.model = TempoModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+        self._ensure_generation_defaults()
+
+    def _ensure_generation_defaults(self):
+        """ATA defaults live in the generation config so that they are saved with the model."""
+        if self.generation_config is None:
+            self.generation_config = GenerationConfig()
+        for name in ATA_OPTION_NAMES:
+            if getattr(self.generation_config, name, None) is None:
+                setattr(self.generation_config, name, getattr(self.config, name))
+        # A generation config "from the model config" is rebuilt on load, which would drop the ATA keys.
+        self.generation_config._from_model_config = False
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def compress(self, *args, **kwargs) -> TempoCompressorOutput:
+        return self.model.compress(*args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        compressor_input_ids: torch.LongTensor | None = None,
+        compressor_attention_mask: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        timestamp_mask: torch.Tensor | None = None,
+        visual_token_budget: int | None = None,
+        min_tokens_per_segment: int | None = None,
+        use_ata: bool | None = None,
+        token_selection: str | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> TempoCausalLMOutputWithPast:
+        r"""
+        The decoder prompt holds one placeholder per video segment (after its `<t seconds>` text) and
+        per image; the compressor rows (one per placeholder, same order) are compressed, ATA decides
+        how many features each video segment keeps, and the placeholders are widened to them.
+        `labels` follow the decoder prompt and are widened with -100 over visual positions; the
+        returned `logits` are over the widened sequence.
+        """
+        if "past_key_values" in kwargs:
+            cache = kwargs.pop("past_key_values")
+        kwargs.pop("cache_position", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            compressor_input_ids=compressor_input_ids,
+            compressor_attention_mask=compressor_attention_mask,
+            pixel_values_videos=pixel_values_videos,
+            video_grid_thw=video_grid_thw,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            timestamp_mask=timestamp_mask,
+            visual_token_budget=visual_token_budget,
+            min_tokens_per_segment=min_tokens_per_segment,
+            use_ata=use_ata,
+            token_selection=token_selection,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+        loss = None
+        if outputs.labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=outputs.labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return TempoCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            relevance_scores=outputs.relevance_scores,
+            token_allocation=outputs.token_allocation,
+            segment_sample_index=outputs.segment_sample_index,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        compressor_input_ids: torch.LongTensor | None = None,
+        compressor_attention_mask: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        timestamp_mask: torch.Tensor | None = None,
+        visual_token_budget: int | None = None,
+        min_tokens_per_segment: int | None = None,
+        use_ata: bool | None = None,
+        token_selection: str | None = None,
+        compressor_batch_size: int | None = None,
+        **kwargs,
+    ):
+        """Compress + allocate + splice once, then let `GenerationMixin.generate` decode from the
+        spliced embeddings. Returns only the new tokens (so `processor.batch_decode` gives the
+        answers); with `return_dict_in_generate=True` the output also carries `relevance_scores`,
+        `token_allocation` and `segment_sample_index`.
+        """
+        if input_ids is None:
+            return super().generate(attention_mask=attention_mask, **kwargs)
+        kwargs.pop("labels", None)
+        kwargs.pop("mm_token_type_ids", None)
+        options = resolve_ata_options(self, visual_token_budget, min_tokens_per_segment, use_ata, token_selection)
+        prepared = self.model.prepare_decoder_inputs(
+            input_ids,
+            attention_mask=attention_mask,
+            compressor_input_ids=compressor_input_ids,
+            compressor_attention_mask=compressor_attention_mask,
+            pixel_values_videos=pixel_values_videos,
+            video_grid_thw=video_grid_thw,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            timestamp_mask=timestamp_mask,
+            padding_side="left",
+            compressor_batch_size=compressor_batch_size,
+            **options,
+        )
+        output = super().generate(
+            inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask, **kwargs
+        )
+        if isinstance(output, ModelOutput):
+            output["relevance_scores"] = prepared.relevance_scores
+            output["token_allocation"] = prepared.token_allocation
+            output["segment_sample_index"] = prepared.segment_sample_index
+        return output
+
+    def apply_released_rotary_rounding(self):
+        """Round every rotary inverse-frequency buffer through float16 then bfloat16, as the released
+        scripts do by loading in float16 and casting the whole model to bfloat16. Call it to compute
+        exactly the released bf16 function; without it the buffers stay float32 (transformers' default)."""
+        for module in self.modules():
+            inv_freq = getattr(module, "inv_freq", None)
+            if isinstance(inv_freq, torch.Tensor):
+                rounded = inv_freq.to(torch.float16).to(torch.bfloat16).to(inv_freq.dtype)
+                inv_freq.copy_(rounded)
+                if isinstance(getattr(module, "original_inv_freq", None), torch.Tensor):
+                    module.original_inv_freq = rounded.clone()
+        return self
+
+
+__all__ = ["TempoForConditionalGeneration", "TempoModel", "TempoPreTrainedModel", "TempoCausalLMOutputWithPast"]

@@ -1,0 +1,185 @@
+"""Adaptive Token Allocation (ATA) for Tempo.
+
+Tempo compresses every video segment into `max_tokens` memory-token features and one
+relevance score in (0, 1). ATA decides how many of those features each segment keeps,
+so that relevant segments keep more and the whole video stays within a token budget.
+
+The arithmetic below reproduces the reference implementation exactly (float32
+normalisation, floor rounding, remainder to the largest weights), including its edge
+cases; see `allocate_tokens`.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["ATA_DEFAULTS", "allocate_tokens", "ata_for_samples", "select_tokens"]
+
+# Settings of the released Tempo model.
+ATA_DEFAULTS = {"visual_token_budget": 8192, "min_tokens_per_segment": 4, "token_selection": "head"}
+
+_STRATEGIES = ("head", "tail")
+
+
+def _as_int(value, name: str) -> int:
+    """Return `value` as a Python int, or raise a ValueError naming the argument."""
+    if isinstance(value, bool):
+        raise ValueError(f"`{name}` must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"`{name}` must be an integer, got {value!r}") from None
+
+
+def _check_limits(budget, min_tokens, max_tokens) -> tuple[int, int, int]:
+    budget = _as_int(budget, "budget")
+    min_tokens = _as_int(min_tokens, "min_tokens")
+    max_tokens = _as_int(max_tokens, "max_tokens")
+    if budget < 1:
+        raise ValueError(f"`budget` must be >= 1, got {budget}")
+    if max_tokens < 1:
+        raise ValueError(f"`max_tokens` must be >= 1, got {max_tokens}")
+    if not 1 <= min_tokens <= max_tokens:
+        raise ValueError(f"`min_tokens` must be in [1, max_tokens={max_tokens}], got {min_tokens}")
+    return budget, min_tokens, max_tokens
+
+
+def allocate_tokens(
+    scores: torch.Tensor, budget: int = 8192, min_tokens: int = 4, max_tokens: int = 128
+) -> torch.LongTensor:
+    """Number of memory tokens each segment keeps, from its relevance score.
+
+    Args:
+        scores: 1-D tensor of N relevance scores, one per segment (cast to float32).
+        budget: total number of tokens B for all N segments.
+        min_tokens: tokens every segment keeps at least (m).
+        max_tokens: tokens a segment has (M); no segment keeps more.
+
+    Returns:
+        int64 tensor of shape (N,) on the device of `scores`.
+
+    Steps:
+        1. If N * m > B, m is lowered to max(1, B // N) (with a warning).
+        2. Flat scores (max - min < 1e-8): every segment keeps min(M, B // N), returned as is.
+        3. n = (s - min s) / (max s - min s); ideal a = m + floor(n * (M - m)).
+        4. If sum(a) > B: with extra = B - N * m and w = n / sum(n),
+           a = m + floor(w * extra), and the `extra - sum(floor(w * extra))` leftover
+           tokens go one each to the segments of largest w (stable order on ties).
+        5. a is clamped to [m, M].
+
+    The sum is at most B whenever B >= N. When B < N the reference behaviour is kept:
+    non-flat scores give every segment 1 token (sum N > B) and flat scores give 0.
+    """
+    scores = torch.as_tensor(scores)
+    if scores.ndim != 1:
+        raise ValueError(f"`scores` must be 1-D (one score per segment), got shape {tuple(scores.shape)}")
+    if scores.numel() == 0:
+        raise ValueError("`scores` must be non-empty")
+    budget, min_tokens, max_tokens = _check_limits(budget, min_tokens, max_tokens)
+    s = scores.detach().to(torch.float32)
+    if not torch.isfinite(s).all():
+        raise ValueError("`scores` must be finite (found NaN or inf)")
+
+    n_seg = s.numel()
+    if n_seg * min_tokens > budget:
+        lowered = max(1, budget // n_seg)
+        logger.warning_once(
+            f"Token budget {budget} is below {n_seg} segments x min_tokens {min_tokens}; "
+            f"lowering the minimum to {lowered} tokens per segment."
+        )
+        min_tokens = lowered
+
+    s_min, s_max = s.min(), s.max()
+    if (s_max - s_min).item() < 1e-8:
+        keep = min(max_tokens, budget // n_seg)
+        return torch.full((n_seg,), keep, dtype=torch.long, device=s.device)
+
+    norm = (s - s_min) / (s_max - s_min)
+    counts = min_tokens + torch.floor(norm * (max_tokens - min_tokens)).long()
+
+    if counts.sum().item() > budget:
+        extra = budget - n_seg * min_tokens
+        norm_sum = norm.sum()
+        if norm_sum.item() < 1e-8:
+            weights = torch.full_like(norm, 1.0 / n_seg)
+        else:
+            weights = norm / norm_sum
+        share = torch.floor(weights * extra).long()
+        # Float rounding could in principle push the floors past `extra`; never take tokens back.
+        leftover = min(max(extra - share.sum().item(), 0), n_seg)
+        order = torch.argsort(weights, descending=True, stable=True)
+        share[order[:leftover]] += 1
+        counts = min_tokens + share
+
+    return counts.clamp(min_tokens, max_tokens)
+
+
+def select_tokens(features: torch.Tensor, counts: torch.Tensor, strategy: str = "head") -> list[torch.Tensor]:
+    """Keep `counts[i]` of the M memory-token features of each segment.
+
+    Args:
+        features: (N, M, D) memory-token features of N segments.
+        counts: (N,) integer tokens to keep per segment, each in [0, M].
+        strategy: "head" keeps the first counts[i] features (what Tempo uses);
+            "tail" keeps the last counts[i].
+
+    Returns:
+        List of N tensors of shape (counts[i], D) (views of `features`).
+    """
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"`strategy` must be one of {_STRATEGIES}, got {strategy!r}")
+    if features.ndim != 3:
+        raise ValueError(f"`features` must have shape (N, M, D), got {tuple(features.shape)}")
+    counts = torch.as_tensor(counts)
+    if counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool:
+        raise ValueError(f"`counts` must be an integer tensor, got dtype {counts.dtype}")
+    n_seg, n_tok = features.shape[:2]
+    if counts.shape != (n_seg,):
+        raise ValueError(f"`counts` must have shape ({n_seg},) to match `features`, got {tuple(counts.shape)}")
+    ks = counts.tolist()
+    if any(k < 0 or k > n_tok for k in ks):
+        raise ValueError(f"`counts` must be in [0, {n_tok}], got {ks}")
+    if strategy == "head":
+        return [features[i, :k] for i, k in enumerate(ks)]
+    return [features[i, n_tok - k :] for i, k in enumerate(ks)]
+
+
+def ata_for_samples(
+    scores: torch.Tensor,
+    sample_index: torch.Tensor,
+    budget: int = 8192,
+    min_tokens: int = 4,
+    max_tokens: int = 128,
+) -> torch.LongTensor:
+    """`allocate_tokens` run separately for each sample of a batch.
+
+    Args:
+        scores: (S,) scores of the segments of all samples, concatenated.
+        sample_index: (S,) integer id of the sample each segment belongs to.
+        budget, min_tokens, max_tokens: as in `allocate_tokens`; each sample gets its own budget.
+
+    Returns:
+        int64 tensor of shape (S,): counts in the same order as `scores`.
+    """
+    scores = torch.as_tensor(scores)
+    sample_index = torch.as_tensor(sample_index, device=scores.device)
+    if scores.ndim != 1 or scores.numel() == 0:
+        raise ValueError(f"`scores` must be 1-D and non-empty, got shape {tuple(scores.shape)}")
+    if sample_index.shape != scores.shape:
+        raise ValueError(
+            f"`sample_index` must have the shape of `scores` {tuple(scores.shape)}, got {tuple(sample_index.shape)}"
+        )
+    if sample_index.is_floating_point() or sample_index.is_complex() or sample_index.dtype == torch.bool:
+        raise ValueError(f"`sample_index` must be an integer tensor, got dtype {sample_index.dtype}")
+
+    counts = torch.empty(scores.shape, dtype=torch.long, device=scores.device)
+    for sample in torch.unique(sample_index):
+        positions = (sample_index == sample).nonzero(as_tuple=True)[0]
+        counts[positions] = allocate_tokens(scores[positions], budget, min_tokens, max_tokens)
+    return counts

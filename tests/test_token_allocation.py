@@ -1,0 +1,311 @@
+"""Tests for Adaptive Token Allocation (transformers_tempo.token_allocation).
+
+Expected values are worked out by hand in the comments. Scores are chosen so that the
+float32 normalisation is exact: s = [0.25, 0.75, 0.5, 0.375] has min 0.25, range 0.5,
+so n = [0, 1, 0.5, 0.25] and sum(n) = 1.75, w = n / 1.75 = [0, 4/7, 2/7, 1/7].
+"""
+
+import logging
+
+import pytest
+import torch
+
+from transformers_tempo.token_allocation import ATA_DEFAULTS, allocate_tokens, ata_for_samples, select_tokens
+
+
+S4 = [0.25, 0.75, 0.5, 0.375]
+
+
+def alloc(scores, **kwargs):
+    return allocate_tokens(torch.tensor(scores), **kwargs).tolist()
+
+
+def test_defaults():
+    assert ATA_DEFAULTS == {"visual_token_budget": 8192, "min_tokens_per_segment": 4, "token_selection": "head"}
+
+
+# ---------------------------------------------------------------- allocate_tokens
+
+
+def test_ideal_allocation_fits_budget():
+    # m=4, M=128: a = 4 + floor(n * 124) = [4 + 0, 4 + 124, 4 + 62, 4 + 31] = [4, 128, 66, 35]
+    # sum = 233 <= 8192: no scale-down.
+    assert alloc(S4) == [4, 128, 66, 35]
+    assert alloc(S4, budget=233) == [4, 128, 66, 35]  # exactly at the budget still fits
+
+
+def test_ideal_allocation_small_max():
+    # m=2, M=8: a = 2 + floor(n * 6) = [2 + 0, 2 + 6, 2 + 3, 2 + floor(1.5)] = [2, 8, 5, 3]
+    assert alloc(S4, budget=1000, min_tokens=2, max_tokens=8) == [2, 8, 5, 3]
+
+
+def test_scale_down_with_remainder_to_largest_weights():
+    # B=50, m=4: ideal sum 233 > 50 -> extra = 50 - 4*4 = 34.
+    # w * 34 = [0, 136/7 = 19.43, 68/7 = 9.71, 34/7 = 4.86] -> floors [0, 19, 9, 4] (sum 32)
+    # leftover = 2 -> the two largest weights (segments 1 and 2) get +1,
+    # not segment 3 even though its fractional part (0.86) is the largest.
+    # a = [4 + 0, 4 + 20, 4 + 10, 4 + 4] = [4, 24, 14, 8], sum 50.
+    out = alloc(S4, budget=50)
+    assert out == [4, 24, 14, 8]
+    assert sum(out) == 50
+
+
+def test_scale_down_remainder_ties_follow_stable_order():
+    # s = [0.25, 0.75, 0.75, 0.25, 0.5]: n = [0, 1, 1, 0, 0.5], sum 2.5, w = [0, .4, .4, 0, .2]
+    # B=31, m=4: ideal [4, 128, 128, 4, 66] sum 330 > 31 -> extra = 31 - 20 = 11.
+    # w * 11 = [0, 4.4, 4.4, 0, 2.2] -> floors [0, 4, 4, 0, 2] (sum 10), leftover 1.
+    # Stable descending order of w is [1, 2, 4, 0, 3]: segment 1 (first of the tie) gets it.
+    # a = [4, 9, 8, 4, 6], sum 31.
+    out = alloc([0.25, 0.75, 0.75, 0.25, 0.5], budget=31)
+    assert out == [4, 9, 8, 4, 6]
+    assert sum(out) == 31
+
+
+def test_budget_equal_to_n_times_min():
+    # B = N*m = 16: not below, m stays 4. ideal sum 233 > 16 -> extra = 0,
+    # floors all 0, leftover 0 -> [4, 4, 4, 4].
+    assert alloc(S4, budget=16) == [4, 4, 4, 4]
+
+
+def test_budget_below_n_times_min_lowers_min(caplog):
+    # N=4, m=4, B=10: 16 > 10 -> m = 10 // 4 = 2.
+    # ideal = 2 + floor(n * 126) = [2, 128, 65, 33], sum 228 > 10 -> extra = 10 - 8 = 2.
+    # w * 2 = [0, 8/7 = 1.14, 4/7 = 0.57, 2/7 = 0.29] -> floors [0, 1, 0, 0], leftover 1 -> segment 1.
+    # a = [2, 2 + 2, 2, 2] = [2, 4, 2, 2], sum 10.
+    logging.Logger.warning_once.cache_clear()  # transformers' warning_once is an lru_cache
+    with caplog.at_level(logging.WARNING):
+        out = alloc(S4, budget=10)
+    assert out == [2, 4, 2, 2]
+    assert "lowering the minimum to 2" in caplog.text
+
+
+def test_budget_below_n_falls_back_to_one():
+    # N=4, B=3: m = max(1, 3 // 4 = 0) = 1. ideal = 1 + floor(n * 127) = [1, 128, 64, 32] > 3.
+    # extra = 3 - 4 = -1; w * -1 = [0, -0.57, -0.29, -0.14] -> floors [0, -1, -1, -1] (sum -3)
+    # leftover = -1 - (-3) = 2 -> segments 1 and 2 get +1: [1, 1, 1, 0] -> clamp to [1, 128] -> [1, 1, 1, 1].
+    # The sum (4) exceeds B (3): reference behaviour when B < N.
+    out = alloc(S4, budget=3)
+    assert out == [1, 1, 1, 1]
+    assert sum(out) == 4
+
+
+def test_flat_scores_budget_share_below_max():
+    # N=3, B=100: k = min(128, 100 // 3 = 33) = 33.
+    assert alloc([0.6, 0.6, 0.6], budget=100) == [33, 33, 33]
+
+
+def test_flat_scores_budget_share_above_max():
+    # N=3, B=8192: k = min(128, 2730) = 128.
+    assert alloc([0.6, 0.6, 0.6]) == [128, 128, 128]
+
+
+def test_flat_scores_below_min_budget():
+    # N=4, m=4, B=10: m lowered to 2; flat -> k = min(128, 10 // 4) = 2.
+    assert alloc([0.3] * 4, budget=10) == [2, 2, 2, 2]
+    # N=5, B=3: flat -> k = min(128, 3 // 5) = 0, returned without clamping (reference behaviour).
+    assert alloc([0.3] * 5, budget=3) == [0, 0, 0, 0, 0]
+
+
+def test_nearly_flat_scores_count_as_flat():
+    # max - min = 5e-9 < 1e-8 -> flat: k = min(128, 100 // 2) = 50.
+    assert allocate_tokens(torch.tensor([0.5, 0.5 + 5e-9], dtype=torch.float64), budget=100).tolist() == [50, 50]
+
+
+def test_single_segment():
+    # N=1 is always flat: k = min(M, B).
+    assert alloc([0.3]) == [128]
+    assert alloc([0.3], budget=50) == [50]
+    # B=2 < m=4: m -> 2, k = min(128, 2) = 2.
+    assert alloc([0.3], budget=2) == [2]
+
+
+def test_budget_above_n_times_max():
+    # B=10000 >= 4*128: never scaled down; only the top segment reaches M, nothing above it.
+    assert alloc(S4, budget=10_000) == [4, 128, 66, 35]
+    # Flat: k = min(128, 2500) = 128 for all.
+    assert alloc([0.9] * 4, budget=10_000) == [128, 128, 128, 128]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_result_dtype_and_device(dtype):
+    scores = torch.tensor(S4, dtype=dtype)  # all four values are exact in every dtype
+    out = allocate_tokens(scores)
+    assert out.dtype == torch.long
+    assert out.shape == (4,)
+    assert out.device == scores.device
+    assert out.tolist() == [4, 128, 66, 35]
+
+
+def test_flat_result_dtype():
+    out = allocate_tokens(torch.tensor([0.5, 0.5]))
+    assert out.dtype == torch.long and out.device == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_result_on_cuda():
+    out = allocate_tokens(torch.tensor(S4, device="cuda"), budget=50)
+    assert out.device.type == "cuda"
+    assert out.tolist() == [4, 24, 14, 8]
+
+
+def test_scores_with_grad_and_list_input():
+    assert allocate_tokens(torch.tensor(S4, requires_grad=True)).tolist() == [4, 128, 66, 35]
+    assert allocate_tokens(S4).tolist() == [4, 128, 66, 35]
+
+
+@pytest.mark.parametrize(
+    "scores, kwargs, match",
+    [
+        (torch.zeros(2, 3), {}, "scores"),
+        (torch.tensor(0.5), {}, "scores"),
+        (torch.tensor([]), {}, "scores"),
+        (torch.tensor([0.1, float("nan")]), {}, "scores"),
+        (torch.tensor([0.1, float("inf")]), {}, "scores"),
+        (torch.tensor(S4), {"budget": 0}, "budget"),
+        (torch.tensor(S4), {"budget": -5}, "budget"),
+        (torch.tensor(S4), {"budget": 100.0}, "budget"),
+        (torch.tensor(S4), {"min_tokens": 0}, "min_tokens"),
+        (torch.tensor(S4), {"min_tokens": 200}, "min_tokens"),
+        (torch.tensor(S4), {"min_tokens": 2.5}, "min_tokens"),
+        (torch.tensor(S4), {"max_tokens": 0, "min_tokens": 1}, "max_tokens"),
+        (torch.tensor(S4), {"max_tokens": True}, "max_tokens"),
+    ],
+)
+def test_allocate_tokens_errors(scores, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        allocate_tokens(scores, **kwargs)
+
+
+def test_random_properties():
+    gen = torch.Generator().manual_seed(0)
+
+    def randint(lo, hi):  # inclusive
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    for case in range(200):
+        n = randint(1, 300)
+        min_tokens = randint(1, 16)
+        max_tokens = randint(min_tokens, 256)
+        budget = randint(1, 20_000)
+        kind = case % 4
+        if kind == 0:  # continuous scores
+            scores = torch.rand(n, generator=gen)
+        elif kind == 1:  # few distinct values -> many ties
+            scores = torch.randint(0, 4, (n,), generator=gen).float() / 4
+        elif kind == 2:  # flat
+            scores = torch.full((n,), float(torch.rand(1, generator=gen)))
+        else:  # tight budget around N * min
+            scores = torch.rand(n, generator=gen)
+            budget = max(1, n * min_tokens + randint(-n, n))
+
+        out = allocate_tokens(scores, budget, min_tokens, max_tokens)
+        assert out.shape == (n,) and out.dtype == torch.long
+
+        low = min_tokens if n * min_tokens <= budget else max(1, budget // n)
+        flat = (scores.max() - scores.min()).item() < 1e-8
+        if flat and budget < n:
+            assert (out == 0).all()  # documented reference behaviour
+        else:
+            assert out.min().item() >= low and out.max().item() <= max_tokens, (case, n, budget)
+        if budget >= n:  # includes every case with N * min <= B
+            assert out.sum().item() <= budget, (case, n, budget)
+        # Monotone: a higher score never keeps fewer tokens.
+        order = torch.argsort(scores, stable=True)
+        sorted_scores, sorted_out = scores[order], out[order]
+        strictly_higher = sorted_scores[1:] > sorted_scores[:-1]
+        assert (sorted_out[1:][strictly_higher] >= sorted_out[:-1][strictly_higher]).all()
+
+
+# ---------------------------------------------------------------- select_tokens
+
+
+def _features(n=3, m=5, d=2):
+    return torch.arange(n * m * d, dtype=torch.float32).reshape(n, m, d)
+
+
+def test_select_tokens_head():
+    feats = _features()
+    out = select_tokens(feats, torch.tensor([0, 2, 5]))
+    assert [t.shape for t in out] == [(0, 2), (2, 2), (5, 2)]
+    # Segment 1 holds values 10..19; its first two tokens are [10, 11] and [12, 13].
+    assert torch.equal(out[1], torch.tensor([[10.0, 11.0], [12.0, 13.0]]))
+    assert torch.equal(out[2], feats[2])
+    assert select_tokens(feats, torch.tensor([1, 1, 1]), strategy="head")[0].tolist() == [[0.0, 1.0]]
+
+
+def test_select_tokens_tail():
+    feats = _features()
+    out = select_tokens(feats, torch.tensor([0, 2, 5]), strategy="tail")
+    assert [t.shape for t in out] == [(0, 2), (2, 2), (5, 2)]
+    # Segment 1's last two tokens are [16, 17] and [18, 19].
+    assert torch.equal(out[1], torch.tensor([[16.0, 17.0], [18.0, 19.0]]))
+    assert torch.equal(out[2], feats[2])
+
+
+def test_select_tokens_with_allocation():
+    feats = torch.randn(4, 128, 8)
+    counts = allocate_tokens(torch.tensor(S4), budget=50)
+    out = select_tokens(feats, counts)
+    assert [t.shape[0] for t in out] == [4, 24, 14, 8]
+    assert torch.equal(torch.cat(out), torch.cat([feats[i, :k] for i, k in enumerate([4, 24, 14, 8])]))
+
+
+@pytest.mark.parametrize(
+    "features, counts, strategy, match",
+    [
+        (_features(), torch.tensor([1, 1, 1]), "random", "strategy"),
+        (torch.zeros(3, 5), torch.tensor([1, 1, 1]), "head", "features"),
+        (_features(), torch.tensor([1, 1]), "head", "counts"),
+        (_features(), torch.tensor([[1, 1, 1]]), "head", "counts"),
+        (_features(), torch.tensor([1, -1, 1]), "head", "counts"),
+        (_features(), torch.tensor([1, 6, 1]), "tail", "counts"),
+        (_features(), torch.tensor([1.0, 1.0, 1.0]), "head", "counts"),
+    ],
+)
+def test_select_tokens_errors(features, counts, strategy, match):
+    with pytest.raises(ValueError, match=match):
+        select_tokens(features, counts, strategy=strategy)
+
+
+# ---------------------------------------------------------------- ata_for_samples
+
+
+def test_ata_for_samples_hand_worked():
+    # Sample 0 = S4 with B=50 -> [4, 24, 14, 8] (see the scale-down test);
+    # sample 1 = three flat scores with its own B=50 -> min(128, 50 // 3) = 16 each.
+    scores = torch.tensor([0.25, 0.5, 0.75, 0.5, 0.5, 0.375, 0.5])
+    index = torch.tensor([0, 1, 0, 1, 0, 0, 1])
+    out = ata_for_samples(scores, index, budget=50)
+    assert out.tolist() == [4, 16, 24, 16, 14, 8, 16]
+    assert out.dtype == torch.long
+
+
+def test_ata_for_samples_matches_separate_runs():
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.rand(40, generator=gen)
+    index = torch.randint(0, 3, (40,), generator=gen)
+    index[:3] = torch.tensor([0, 1, 2])  # every sample present
+    index[10:14] = 7  # ids need not be contiguous
+    out = ata_for_samples(scores, index, budget=100, min_tokens=4, max_tokens=64)
+    for sample in index.unique():
+        mask = index == sample
+        assert torch.equal(out[mask], allocate_tokens(scores[mask], 100, 4, 64))
+
+
+def test_ata_for_samples_single_sample_equals_allocate_tokens():
+    scores = torch.tensor(S4)
+    assert torch.equal(ata_for_samples(scores, torch.zeros(4, dtype=torch.long), 50), allocate_tokens(scores, 50))
+
+
+@pytest.mark.parametrize(
+    "scores, index, match",
+    [
+        (torch.tensor(S4), torch.tensor([0, 0, 1]), "sample_index"),
+        (torch.tensor(S4), torch.tensor([0.0, 0.0, 1.0, 1.0]), "sample_index"),
+        (torch.tensor([]), torch.tensor([], dtype=torch.long), "scores"),
+        (torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.long), "scores"),
+    ],
+)
+def test_ata_for_samples_errors(scores, index, match):
+    with pytest.raises(ValueError, match=match):
+        ata_for_samples(scores, index)

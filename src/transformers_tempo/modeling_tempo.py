@@ -596,6 +596,8 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
         if "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
         kwargs.pop("cache_position", None)
+        # Resolve ATA options here: the generation config (saved defaults) belongs to this class.
+        options = resolve_ata_options(self, visual_token_budget, min_tokens_per_segment, use_ata, token_selection)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -610,11 +612,8 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values,
             image_grid_thw=image_grid_thw,
             timestamp_mask=timestamp_mask,
-            visual_token_budget=visual_token_budget,
-            min_tokens_per_segment=min_tokens_per_segment,
-            use_ata=use_ata,
-            token_selection=token_selection,
             use_cache=use_cache,
+            **options,
             **kwargs,
         )
         hidden = outputs.last_hidden_state

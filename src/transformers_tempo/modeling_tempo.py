@@ -596,6 +596,7 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
         if "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
         kwargs.pop("cache_position", None)
+        kwargs.pop("segment_times", None)  # processor bookkeeping, not a model input
         # Resolve ATA options here: the generation config (saved defaults) belongs to this class.
         options = resolve_ata_options(self, visual_token_budget, min_tokens_per_segment, use_ata, token_selection)
         outputs = self.model(
@@ -639,6 +640,35 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
         )
 
     @torch.no_grad()
+    def prepare_generation_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        visual_token_budget: int | None = None,
+        min_tokens_per_segment: int | None = None,
+        use_ata: bool | None = None,
+        token_selection: str | None = None,
+        compressor_batch_size: int | None = None,
+        **visual_inputs,
+    ) -> DecoderInputs:
+        """Compress, allocate (ATA), project and splice, left-padded for generation.
+
+        `generate()` does this itself; call it separately to time the stages or to inspect the
+        allocation before decoding, then pass the result as `generate(decoder_inputs=...)`.
+        """
+        for name in ("labels", "mm_token_type_ids", "segment_times"):
+            visual_inputs.pop(name, None)
+        options = resolve_ata_options(self, visual_token_budget, min_tokens_per_segment, use_ata, token_selection)
+        return self.model.prepare_decoder_inputs(
+            input_ids,
+            attention_mask=attention_mask,
+            padding_side="left",
+            compressor_batch_size=compressor_batch_size,
+            **visual_inputs,
+            **options,
+        )
+
+    @torch.no_grad()
     def generate(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -655,39 +685,42 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
         use_ata: bool | None = None,
         token_selection: str | None = None,
         compressor_batch_size: int | None = None,
+        decoder_inputs: DecoderInputs | None = None,
         **kwargs,
     ):
         """Compress + allocate + splice once, then let `GenerationMixin.generate` decode from the
         spliced embeddings. Returns only the new tokens (so `processor.batch_decode` gives the
         answers); with `return_dict_in_generate=True` the output also carries `relevance_scores`,
-        `token_allocation` and `segment_sample_index`.
+        `token_allocation` and `segment_sample_index`. ATA options are per-call keyword arguments.
         """
-        if input_ids is None:
-            return super().generate(attention_mask=attention_mask, **kwargs)
-        kwargs.pop("labels", None)
-        kwargs.pop("mm_token_type_ids", None)
-        options = resolve_ata_options(self, visual_token_budget, min_tokens_per_segment, use_ata, token_selection)
-        prepared = self.model.prepare_decoder_inputs(
-            input_ids,
-            attention_mask=attention_mask,
-            compressor_input_ids=compressor_input_ids,
-            compressor_attention_mask=compressor_attention_mask,
-            pixel_values_videos=pixel_values_videos,
-            video_grid_thw=video_grid_thw,
-            pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw,
-            timestamp_mask=timestamp_mask,
-            padding_side="left",
-            compressor_batch_size=compressor_batch_size,
-            **options,
-        )
+        for name in ("labels", "mm_token_type_ids", "segment_times"):
+            kwargs.pop(name, None)
+        if decoder_inputs is None:
+            if input_ids is None:
+                return super().generate(attention_mask=attention_mask, **kwargs)
+            decoder_inputs = self.prepare_generation_inputs(
+                input_ids,
+                attention_mask=attention_mask,
+                compressor_input_ids=compressor_input_ids,
+                compressor_attention_mask=compressor_attention_mask,
+                pixel_values_videos=pixel_values_videos,
+                video_grid_thw=video_grid_thw,
+                pixel_values=pixel_values,
+                image_grid_thw=image_grid_thw,
+                timestamp_mask=timestamp_mask,
+                visual_token_budget=visual_token_budget,
+                min_tokens_per_segment=min_tokens_per_segment,
+                use_ata=use_ata,
+                token_selection=token_selection,
+                compressor_batch_size=compressor_batch_size,
+            )
         output = super().generate(
-            inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask, **kwargs
+            inputs_embeds=decoder_inputs.inputs_embeds, attention_mask=decoder_inputs.attention_mask, **kwargs
         )
         if isinstance(output, ModelOutput):
-            output["relevance_scores"] = prepared.relevance_scores
-            output["token_allocation"] = prepared.token_allocation
-            output["segment_sample_index"] = prepared.segment_sample_index
+            output["relevance_scores"] = decoder_inputs.relevance_scores
+            output["token_allocation"] = decoder_inputs.token_allocation
+            output["segment_sample_index"] = decoder_inputs.segment_sample_index
         return output
 
     def apply_released_rotary_rounding(self):

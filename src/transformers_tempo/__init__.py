@@ -4,7 +4,7 @@ Importing this package registers Tempo with transformers' Auto classes (config, 
 and the `video-question-answering` pipeline task.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoModelForMultimodalLM
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoProcessor
 
 from .configuration_tempo import TempoConfig
 from .modeling_tempo import (
@@ -13,7 +13,11 @@ from .modeling_tempo import (
     TempoModel,
     TempoPreTrainedModel,
 )
+from .pipeline_tempo import VideoQuestionAnsweringPipeline, register_pipeline
+from .processing_tempo import TempoProcessor
 from .token_allocation import allocate_tokens, select_tokens
+from .video_loading import LoadedVideo, VideoLoadError, load_video
+from .video_processing_tempo import TempoVideoProcessor
 
 __version__ = "0.1.0"
 
@@ -22,6 +26,8 @@ AutoConfig.register("tempo", TempoConfig, exist_ok=True)
 # do the auto classes transformers uses for image/video-text-to-text generation.
 for _auto in (AutoModel, AutoModelForImageTextToText, AutoModelForMultimodalLM):
     _auto.register(TempoConfig, TempoForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(TempoConfig, TempoProcessor, exist_ok=True)
+register_pipeline()
 
 __all__ = [
     "TempoConfig",
@@ -29,6 +35,12 @@ __all__ = [
     "TempoModel",
     "TempoPreTrainedModel",
     "TempoCausalLMOutputWithPast",
+    "TempoProcessor",
+    "TempoVideoProcessor",
+    "VideoQuestionAnsweringPipeline",
+    "LoadedVideo",
+    "VideoLoadError",
+    "load_video",
     "allocate_tokens",
     "select_tokens",
 ]

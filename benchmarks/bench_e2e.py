@@ -1,0 +1,281 @@
+"""End-to-end Tempo benchmark: frames (or a file) -> answer, per stage, at real size on a GPU.
+
+    python benchmarks/bench_e2e.py                      # GPU: Tempo-6B architecture, random bf16 weights
+    python benchmarks/bench_e2e.py --frames 256 1024    # a subset of workloads
+    python benchmarks/bench_e2e.py --tiny               # same code on CPU in seconds (used by the tests)
+
+Writes benchmarks/results/e2e-<machine>-<date>.json and .md (machine, date, commit).
+Stages are timed with CUDA synchronisation: preprocessing (frames -> patches), compressor,
+ATA + projection + splice, prefill (first decoder step), decoding tokens/s; peak memory per stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from transformers_tempo import TempoConfig, TempoForConditionalGeneration  # noqa: E402
+from transformers_tempo.processing_tempo import TempoProcessor  # noqa: E402
+from transformers_tempo.testing_utils import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from transformers_tempo.video_loading import load_video  # noqa: E402
+from transformers_tempo.video_processing_tempo import TempoVideoProcessor  # noqa: E402
+
+QUESTION = "What is the person in the red jacket doing right after the car stops?"
+
+
+def now(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def peak_gib(device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def matmul_peak_tflops(device, n=8192, repeats=20) -> float:
+    """The bf16 matmul rate this GPU reaches here, to compare the compressor against."""
+    if device.type != "cuda":
+        return 0.0
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    t0 = now(device)
+    for _ in range(repeats):
+        a @ b
+    dt = now(device) - t0
+    return 2 * n**3 * repeats / dt / 1e12
+
+
+def build(tiny: bool, device, dtype, attn: str):
+    if tiny:
+        tokenizer = build_tiny_tokenizer()
+        model = build_tiny_model(tokenizer).to(device)
+        processor = TempoProcessor(video_processor=TempoVideoProcessor(), tokenizer=tokenizer)
+        return model, processor
+    from transformers_tempo.testing_utils import build_tiny_tokenizer as _tok
+
+    # The real vocabulary is not reachable offline; the tiny tokenizer's ids are remapped onto the
+    # real vocabulary size by the config (token ids below 151936), so prompts have realistic lengths
+    # per timestamp/text piece but a different vocabulary. The network sizes are Tempo-6B's.
+    tokenizer = _tok()
+    config = TempoConfig.tempo_6b()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|video_pad|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    config.video_token_id, config.image_token_id = ids["<|video_pad|>"], ids["<|image_pad|>"]
+    cc = config.compressor_config
+    cc.video_token_id, cc.image_token_id = ids["<|video_pad|>"], ids["<|image_pad|>"]
+    cc.vision_start_token_id, cc.vision_end_token_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
+    cc.text_config.pad_token_id = tokenizer.pad_token_id
+    config.text_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = TempoForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn)
+    model.eval()
+    processor = TempoProcessor(video_processor=TempoVideoProcessor(), tokenizer=tokenizer)
+    return model, processor
+
+
+def compressor_flops(model, inputs) -> float:
+    """FLOPs of one compressor pass over these inputs, counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    keys = ("compressor_input_ids", "compressor_attention_mask", "pixel_values_videos", "video_grid_thw")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model.compress(*[inputs[k] for k in keys[:2]], pixel_values_videos=inputs[keys[2]], video_grid_thw=inputs[keys[3]])
+    return float(counter.get_total_flops())
+
+
+def run_workload(model, processor, frames_count, args, device):
+    h, w = (720, 1280) if not args.tiny else (96, 160)
+    gen = torch.Generator().manual_seed(frames_count)
+    frames = torch.randint(0, 256, (frames_count, h, w, 3), dtype=torch.uint8, generator=gen)
+    row = {"frames": frames_count}
+
+    reset_peak(device)
+    t0 = now(device)
+    inputs = processor(
+        text=QUESTION,
+        videos=frames,
+        video_metadata={"fps": 2.0},
+        return_tensors="pt",
+        device=device if args.gpu_preprocess else None,
+    ).to(device)
+    row["preprocess_s"] = now(device) - t0
+    row["segments"] = int(inputs["video_grid_thw"].shape[0])
+
+    keys = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    with torch.inference_mode():
+        # warm-up of every kernel shape on the first workload only costs time once
+        reset_peak(device)
+        t0 = now(device)
+        compressed = model.compress(
+            keys["compressor_input_ids"],
+            keys["compressor_attention_mask"],
+            pixel_values_videos=keys["pixel_values_videos"],
+            video_grid_thw=keys["video_grid_thw"],
+            compressor_batch_size=args.compressor_batch_size,
+        )
+        row["compressor_s"] = now(device) - t0
+        row["compressor_peak_gib"] = peak_gib(device)
+        del compressed
+
+        reset_peak(device)
+        t0 = now(device)
+        prepared = model.prepare_generation_inputs(
+            **keys, visual_token_budget=args.budget, compressor_batch_size=args.compressor_batch_size
+        )
+        row["compress_ata_splice_s"] = now(device) - t0
+        row["ata_splice_s"] = row["compress_ata_splice_s"] - row["compressor_s"]
+        row["visual_tokens"] = int(prepared.token_allocation.sum())
+        row["decoder_len"] = int(prepared.inputs_embeds.shape[1])
+
+        reset_peak(device)
+        t0 = now(device)
+        model.generate(decoder_inputs=prepared, max_new_tokens=1, do_sample=False)
+        row["prefill_s"] = now(device) - t0
+        row["prefill_peak_gib"] = peak_gib(device)
+
+        reset_peak(device)
+        t0 = now(device)
+        out = model.generate(
+            decoder_inputs=prepared, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False
+        )
+        gen_s = now(device) - t0
+        row["generate_s"] = gen_s
+        new = out.shape[1]
+        row["decode_tokens_per_s"] = (new - 1) / max(gen_s - row["prefill_s"], 1e-9)
+        row["generate_peak_gib"] = peak_gib(device)
+
+    row["time_to_first_token_s"] = row["compress_ata_splice_s"] + row["prefill_s"]
+    row["end_to_end_s"] = row["preprocess_s"] + row["compress_ata_splice_s"] + row["generate_s"]
+    row["peak_gib"] = max(row["compressor_peak_gib"], row["prefill_peak_gib"], row["generate_peak_gib"])
+    if args.flops:
+        flops = compressor_flops(model, keys)
+        row["compressor_tflop"] = flops / 1e12
+        row["compressor_tflops_per_s"] = flops / row["compressor_s"] / 1e12
+    return row
+
+
+def run_file_workload(model, processor, path, args, device):
+    """From a file: decode (CPU) -> answer, wall time file to answer."""
+    row = {"file": str(path)}
+    t0 = time.perf_counter()
+    video = load_video(path, max_frames=args.max_frames)
+    row["decode_s"] = time.perf_counter() - t0
+    row["frames"] = int(video.frames.shape[0])
+    row["decode_frames_per_s"] = row["frames"] / row["decode_s"]
+    t1 = now(device)
+    inputs = processor(text=QUESTION, videos=video, return_tensors="pt").to(device)
+    with torch.inference_mode():
+        model.generate(**inputs, max_new_tokens=args.new_tokens, visual_token_budget=args.budget)
+    row["answer_s"] = now(device) - t1
+    row["file_to_answer_s"] = now(device) - t0
+    return row
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        f"# Tempo end-to-end benchmark ({results['machine']}, {results['date']}, commit {results['commit']})",
+        "",
+        f"dtype {results['dtype']}, attention {results['attn']}, budget {results['budget']}, "
+        f"{results['new_tokens']} new tokens, compressor batch {results['compressor_batch_size']}, "
+        f"bf16 matmul peak measured {results['matmul_peak_tflops']:.0f} TFLOP/s",
+        "",
+        "| frames | preprocess | compressor | ATA+splice | prefill | TTFT | decode tok/s | end to end | peak GiB | compressor TFLOP/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results["workloads"]:
+        lines.append(
+            f"| {r['frames']} | {r['preprocess_s']:.3f} s | {r['compressor_s']:.3f} s | {r['ata_splice_s']:.3f} s | "
+            f"{r['prefill_s']:.3f} s | {r['time_to_first_token_s']:.3f} s | {r['decode_tokens_per_s']:.0f} | "
+            f"{r['end_to_end_s']:.3f} s | {r['peak_gib']:.1f} | {r.get('compressor_tflops_per_s', 0):.0f} |"
+        )
+    for r in results.get("files", []):
+        lines.append("")
+        lines.append(
+            f"From file {Path(r['file']).name}: {r['frames']} frames decoded in {r['decode_s']:.1f} s "
+            f"({r['decode_frames_per_s']:.1f} frames/s), file to answer {r['file_to_answer_s']:.1f} s"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny random model on CPU (seconds)")
+    p.add_argument("--frames", type=int, nargs="+", default=None)
+    p.add_argument("--budget", type=int, default=8192)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--compressor-batch-size", type=int, default=None)
+    p.add_argument("--attn", default="sdpa")
+    p.add_argument("--gpu-preprocess", action="store_true", help="preprocess frames on the GPU")
+    p.add_argument("--flops", action="store_true", help="count compressor FLOPs (one extra pass)")
+    p.add_argument("--file", default=None, help="also time file -> answer on this video")
+    p.add_argument("--max-frames", type=int, default=1024)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--machine", default=None)
+    args = p.parse_args(argv)
+
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    frames_list = args.frames or ([16, 40] if args.tiny else [256, 512, 1024, 2048, 4096])
+    if args.tiny and args.budget == 8192:
+        args.budget = 64
+    model, processor = build(args.tiny, device, dtype, args.attn)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    machine = args.machine or (torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu")
+    results = {
+        "machine": machine,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit or "unknown",
+        "dtype": str(dtype).replace("torch.", ""),
+        "attn": args.attn,
+        "budget": args.budget,
+        "new_tokens": args.new_tokens,
+        "compressor_batch_size": args.compressor_batch_size or model.config.compressor_batch_size,
+        "matmul_peak_tflops": matmul_peak_tflops(device),
+        "weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
+        "workloads": [],
+    }
+    # warm-up: first CUDA calls pay for kernel selection
+    run_workload(model, processor, frames_list[0], argparse.Namespace(**{**vars(args), "flops": False}), device)
+    for n in frames_list:
+        row = run_workload(model, processor, n, args, device)
+        results["workloads"].append(row)
+        print(json.dumps(row), flush=True)
+    if args.file:
+        results["files"] = [run_file_workload(model, processor, args.file, args, device)]
+        print(json.dumps(results["files"][0]), flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"e2e-{'tiny' if args.tiny else machine.replace(' ', '_')}-{results['date'][:10]}"
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (out / f"{stem}.md").write_text(markdown(results))
+    print(markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

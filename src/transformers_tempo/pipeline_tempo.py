@@ -1,0 +1,211 @@
+"""`pipeline("video-question-answering")`: video + question -> answer, with where the tokens went."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Pipeline
+
+from .video_loading import LoadedVideo, load_video
+
+ATA_CALL_OPTIONS = ("visual_token_budget", "min_tokens_per_segment", "use_ata")
+LOAD_OPTIONS = ("fps", "min_frames", "max_frames")
+
+
+@dataclass
+class StageTimes:
+    """Wall time per stage, in seconds (CUDA-synchronised when the model is on a GPU)."""
+
+    decode: float = 0.0
+    preprocess: float = 0.0
+    compress: float = 0.0
+    answer: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"decode": self.decode, "preprocess": self.preprocess, "compress": self.compress, "answer": self.answer}
+
+
+def _sync(device) -> float:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def segment_report(video: LoadedVideo, relevance, allocation, frames_per_segment: int = 8) -> dict:
+    """The facts a user wants next to an answer: how the video was sampled and where the tokens went."""
+    num_frames = int(video.frames.shape[0])
+    num_segments = len(allocation)
+    segments = []
+    for i in range(num_segments):
+        start = frames_per_segment * i
+        end = min(start + frames_per_segment, num_frames)
+        segments.append(
+            {
+                "index": i,
+                "start": start / video.real_fps,
+                "end": end / video.real_fps,
+                "relevance": float(relevance[i]),
+                "kept_tokens": int(allocation[i]),
+            }
+        )
+    kept = int(sum(int(a) for a in allocation))
+    return {
+        "duration": float(video.duration),
+        "sampled_frames": num_frames,
+        "real_fps": float(video.real_fps),
+        "segments": num_segments,
+        "visual_tokens": kept,
+        "tokens_per_frame": kept / num_frames if num_frames else 0.0,
+        "segment_details": segments,
+    }
+
+
+class VideoQuestionAnsweringPipeline(Pipeline):
+    """Answer questions about (long) videos with Tempo.
+
+    ```python
+    import transformers_tempo
+    from transformers import pipeline
+
+    vqa = pipeline("video-question-answering", model="path/to/tempo-6b")
+    out = vqa(video="match.mp4", question="Who scores?", visual_token_budget=4096)
+    out["answer"], out["visual_tokens"], out["segment_details"][0]
+    ```
+    Videos may be paths, bytes, file objects or frame arrays (give `video_metadata={"fps": ...}` with
+    frames). Lists of videos and questions are answered in batches of `batch_size` through the model.
+    """
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_video_processor = False
+    _load_feature_extractor = False
+    _pipeline_calls_generate = True
+
+    def _sanitize_parameters(self, **kwargs):
+        preprocess, forward = {}, {}
+        for name in ("video_metadata", *LOAD_OPTIONS):
+            if name in kwargs:
+                preprocess[name] = kwargs.pop(name)
+        for name in ATA_CALL_OPTIONS:
+            if name in kwargs:
+                forward[name] = kwargs.pop(name)
+        forward["generate_kwargs"] = kwargs.pop("generate_kwargs", {}) | kwargs
+        return preprocess, forward, {}
+
+    def __call__(self, video=None, question=None, batch_size: int | None = None, **kwargs):
+        """`vqa(video=..., question=...)` -> dict; lists (or a list of {"video", "question"} dicts) -> list."""
+        single = isinstance(video, LoadedVideo) or not isinstance(video, (list, tuple)) or _is_frame_list(video)
+        if isinstance(video, (list, tuple)) and video and isinstance(video[0], dict):
+            items = [dict(v) for v in video]
+            single = False
+        elif single:
+            items = [{"video": video, "question": question}]
+        else:
+            questions = question if isinstance(question, (list, tuple)) else [question] * len(video)
+            if len(questions) != len(video):
+                raise ValueError(f"got {len(video)} videos but {len(questions)} questions")
+            items = [{"video": v, "question": q} for v, q in zip(video, questions)]
+        preprocess_params, forward_params, _ = self._sanitize_parameters(**kwargs)
+        batch_size = batch_size or self._batch_size or 1
+        results = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            model_inputs = self.preprocess(chunk, offset=start, **preprocess_params)
+            outputs = self._forward(model_inputs, **forward_params)
+            results.extend(self.postprocess(outputs))
+        return results[0] if single else results
+
+    def preprocess(self, items, offset: int = 0, video_metadata=None, **load_options):
+        times = StageTimes()
+        t0 = time.perf_counter()
+        videos = []
+        for i, item in enumerate(items):
+            if item.get("video") is None:
+                videos.append(None)
+                continue
+            if isinstance(item["video"], LoadedVideo):
+                videos.append(item["video"])
+                continue
+            try:
+                videos.append(
+                    load_video(item["video"], video_metadata=item.get("video_metadata", video_metadata), **load_options)
+                )
+            except ValueError as err:
+                raise ValueError(f"video {offset + i}: {err}") from err
+        times.decode = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        inputs = self.processor(
+            text=[item.get("question") or "" for item in items],
+            videos=videos if any(v is not None for v in videos) else None,
+            return_tensors="pt",
+        )
+        inputs = inputs.to(self.device)
+        times.preprocess = _sync(self.device) - t0
+        return {"inputs": inputs, "videos": videos, "times": times}
+
+    def _forward(self, model_inputs, generate_kwargs=None, **ata_options):
+        inputs, times = model_inputs["inputs"], model_inputs["times"]
+        model_keys = {k: v for k, v in inputs.items() if k not in ATA_CALL_OPTIONS}
+        for name in ATA_CALL_OPTIONS:
+            if name not in ata_options and name in inputs:
+                ata_options[name] = inputs[name]
+        generate_kwargs = dict(generate_kwargs or {})
+        if "generation_config" not in generate_kwargs and getattr(self, "generation_config", None) is not None:
+            generate_kwargs["generation_config"] = self.generation_config
+        t0 = _sync(self.device)
+        with torch.inference_mode():
+            prepared = self.model.prepare_generation_inputs(**model_keys, **ata_options)
+            t1 = _sync(self.device)
+            output = self.model.generate(decoder_inputs=prepared, return_dict_in_generate=True, **generate_kwargs)
+        t2 = _sync(self.device)
+        times.compress, times.answer = t1 - t0, t2 - t1
+        return {"output": output, "prepared": prepared, **model_keys, "videos": model_inputs["videos"], "times": times}
+
+    def postprocess(self, model_outputs):
+        output, prepared, videos = model_outputs["output"], model_outputs["prepared"], model_outputs["videos"]
+        answers = self.processor.batch_decode(output.sequences, skip_special_tokens=True)
+        results = []
+        sample_index = prepared.segment_sample_index
+        for b, answer in enumerate(answers):
+            result = {"answer": answer.strip()}
+            video = videos[b]
+            if video is not None:
+                rows = (sample_index == b).nonzero().flatten()
+                result.update(
+                    segment_report(
+                        video,
+                        prepared.relevance_scores[rows].tolist(),
+                        prepared.token_allocation[rows].tolist(),
+                        frames_per_segment=self.processor.video_processor.frames_per_segment,
+                    )
+                )
+                result["warnings"] = list(video.warnings)
+            result["timings"] = model_outputs["times"].as_dict()
+            results.append(result)
+        return results
+
+
+def _is_frame_list(video) -> bool:
+    """A list of PIL images / arrays is one video, not a batch of videos."""
+    if not video:
+        return False
+    first = video[0]
+    return hasattr(first, "size") and not isinstance(first, (str, bytes)) and not hasattr(first, "read") or (
+        hasattr(first, "ndim") and getattr(first, "ndim", 0) == 3
+    )
+
+
+def register_pipeline():
+    from transformers import AutoModel
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    PIPELINE_REGISTRY.register_pipeline(
+        "video-question-answering",
+        pipeline_class=VideoQuestionAnsweringPipeline,
+        pt_model=AutoModel,
+        type="multimodal",
+    )

@@ -1,0 +1,145 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import pipeline
+
+import transformers_tempo  # noqa: F401  (registers the task)
+from transformers_tempo import TempoProcessor, TempoVideoProcessor, VideoQuestionAnsweringPipeline
+from transformers_tempo.synthetic import write_test_video
+from transformers_tempo.testing_utils import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-tempo")
+    build_tiny_model(tokenizer).save_pretrained(path)
+    TempoProcessor(video_processor=TempoVideoProcessor(), tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    short, longer = root / "short.mp4", root / "longer.mp4"
+    write_test_video(short, num_frames=60, fps=10, width=128, height=96)  # 6 s -> 12 frames -> 2 segments
+    write_test_video(longer, num_frames=200, fps=10, width=128, height=96)  # 20 s -> 40 frames -> 5 segments
+    return short, longer
+
+
+@pytest.fixture(scope="module")
+def vqa(model_dir):
+    return pipeline("video-question-answering", model=str(model_dir))
+
+
+def test_pipeline_task_resolves_to_tempo(vqa):
+    assert isinstance(vqa, VideoQuestionAnsweringPipeline)
+    assert isinstance(vqa.processor, TempoProcessor)
+
+
+def test_single_answer_and_facts_match_the_model(vqa, videos):
+    out = vqa(video=str(videos[1]), question="What colour is the video?", max_new_tokens=4)
+    assert isinstance(out["answer"], str)
+    assert out["sampled_frames"] == 40 and out["segments"] == 5
+    assert out["real_fps"] == pytest.approx(2.0)
+    details = out["segment_details"]
+    assert [d["start"] for d in details] == pytest.approx([0, 4, 8, 12, 16])
+    assert [d["end"] for d in details] == pytest.approx([4, 8, 12, 16, 20])
+    assert out["visual_tokens"] == sum(d["kept_tokens"] for d in details)
+    assert out["tokens_per_frame"] == pytest.approx(out["visual_tokens"] / 40)
+    # the same allocation as the model computes from the processor's inputs
+    inputs = vqa.processor(text="What colour is the video?", videos=str(videos[1]), return_tensors="pt")
+    with torch.no_grad():
+        model_out = vqa.model(**inputs)
+    assert [d["kept_tokens"] for d in details] == model_out.token_allocation.tolist()
+    assert [d["relevance"] for d in details] == pytest.approx(model_out.relevance_scores.tolist())
+
+
+def test_batched_equals_one_by_one(vqa, videos):
+    questions = ["What colour is the video?", "What happens?"]
+    paths = [str(v) for v in videos]
+    batched = vqa(video=paths, question=questions, batch_size=2, max_new_tokens=4)
+    singles = [vqa(video=p, question=q, max_new_tokens=4) for p, q in zip(paths, questions)]
+    assert [b["answer"] for b in batched] == [s["answer"] for s in singles]
+    assert [b["segments"] for b in batched] == [2, 5]
+    assert [b["visual_tokens"] for b in batched] == [s["visual_tokens"] for s in singles]
+
+
+def test_ata_options_per_call(vqa, videos):
+    path = str(videos[1])
+    small = vqa(video=path, question="What happens?", visual_token_budget=20, max_new_tokens=2)
+    assert small["visual_tokens"] <= 20
+    full = vqa(video=path, question="What happens?", use_ata=False, max_new_tokens=2)
+    assert full["visual_tokens"] == 5 * 16
+
+
+def test_frames_with_metadata(vqa):
+    frames = np.zeros((16, 64, 64, 3), dtype=np.uint8)
+    frames[..., 0] = 255
+    out = vqa(video=frames, question="What colour?", video_metadata={"fps": 4.0}, max_new_tokens=2)
+    assert out["sampled_frames"] == 16 and out["segments"] == 2
+    assert out["real_fps"] == pytest.approx(4.0)
+    assert out["segment_details"][1]["start"] == pytest.approx(2.0)
+
+
+def test_bad_video_names_the_item(vqa, videos, tmp_path):
+    missing = tmp_path / "nope.mp4"
+    with pytest.raises(ValueError, match=r"video 1: .*nope\.mp4"):
+        vqa(video=[str(videos[0]), str(missing)], question=["a", "b"], max_new_tokens=2)
+
+
+# ---------------------------------------------------------------------------- the `tempo` command
+def tempo(*args, cache):
+    env = {**os.environ, "TEMPO_CACHE": str(cache)}
+    return subprocess.run(
+        [sys.executable, "-m", "transformers_tempo.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("tempo-cache")
+
+
+def test_tempo_demo_runs_and_says_the_model_is_random(cache):
+    result = tempo("demo", "--max-new-tokens", "4", cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert "RANDOM" in result.stdout
+    assert "visual tokens kept" in result.stdout and "segments: 3" in result.stdout
+    assert (cache / "demo" / "tiny-tempo" / "config.json").exists()
+
+
+def test_tempo_ask_json_and_plot(cache, model_dir, videos, tmp_path):
+    plot = tmp_path / "alloc.png"
+    result = tempo(
+        "ask", str(videos[1]), "What happens?", "--model", str(model_dir), "--json", "--budget", "30",
+        "--max-new-tokens", "3", "--plot", str(plot), cache=cache,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    for key in ("answer", "duration", "sampled_frames", "segments", "visual_tokens", "tokens_per_frame", "segment_details", "timings"):
+        assert key in data
+    assert data["segments"] == 5 and data["visual_tokens"] <= 30
+    assert set(data["timings"]) == {"decode", "preprocess", "compress", "answer"}
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 1000
+
+
+def test_tempo_ask_missing_and_corrupt_files_exit_2(cache, model_dir, tmp_path):
+    missing = tempo("ask", str(tmp_path / "missing.mp4"), "q", "--model", str(model_dir), cache=cache)
+    assert missing.returncode == 2
+    assert "missing.mp4" in missing.stderr and "Traceback" not in missing.stderr
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
+    bad = tempo("ask", str(corrupt), "q", "--model", str(model_dir), cache=cache)
+    assert bad.returncode == 2
+    assert "corrupt.mp4" in bad.stderr and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_tempo_bad_arguments_exit_2(cache, model_dir, videos):
+    result = tempo("ask", str(videos[0]), "q", "--model", str(model_dir), "--budget", "0", cache=cache)
+    assert result.returncode == 2 and "--budget" in result.stderr

@@ -1,0 +1,328 @@
+"""Video loading: sampling rule, codecs, timestamps, rotation, damage and bad input."""
+
+from __future__ import annotations
+
+import io
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from transformers_tempo.synthetic import decode_frame_index, encoder_available, make_frames, write_test_video
+from transformers_tempo.video_loading import LoadedVideo, VideoLoadError, compute_sample_indices, load_video
+
+X265_QUIET = {"x265-params": "log-level=error"}
+
+
+def reference_indices(total, source_fps, fps=2.0, min_frames=8, max_frames=1024):
+    """The released rule, written out again independently of the package."""
+    if total <= 1:
+        return [0]
+    n = min(max(max(1, round(total / source_fps * fps)), min_frames), max_frames)
+    if n == 1:
+        return [total - 1]
+    return [int(i) for i in np.round(np.linspace(0, total - 1, n))]
+
+
+def codes(video: LoadedVideo) -> list[int]:
+    return [decode_frame_index(frame.numpy()) for frame in video.frames]
+
+
+def left_red_right_blue(index, width, height):
+    frame = np.zeros((height, width, 3), dtype=np.uint8)
+    frame[:, : width // 2] = (255, 0, 0)
+    frame[:, width // 2 :] = (0, 0, 255)
+    return frame
+
+
+@pytest.fixture(scope="module")
+def h264_clip(tmp_path_factory):
+    # 95 frames at 30 fps: 3.17 s -> round(6.33) = 6 -> 8 frames (min_frames)
+    return write_test_video(tmp_path_factory.mktemp("v") / "clip.mp4", num_frames=95, fps=30, width=96, height=64)
+
+
+# ---------------------------------------------------------------------------- sampling rule
+
+
+@pytest.mark.parametrize(
+    "total, source_fps, min_frames, max_frames",
+    [
+        (1, 30, 8, 1024),
+        (2, 30, 8, 1024),
+        (95, 30, 8, 1024),
+        (300, 30, 8, 1024),  # 10 s -> 20
+        (301, 29.97, 8, 1024),
+        (45, 30, 1, 1024),  # 1.5 s -> round(3.0) = 3
+        (15, 30, 1, 1024),  # 0.5 s -> round(1.0) = 1 -> [last frame]
+        (18000, 30, 8, 1024),  # 10 min -> 1200 -> 1024
+        (37, 24, 8, 16),
+        (3, 25, 8, 1024),  # fewer frames than min_frames: repeats
+        (75, 30, 4, 1024),  # 2.5 s -> 5
+        (45, 12, 4, 1024),  # 3.75 s -> 7.5 -> 8 (half to even)
+        (27, 12, 4, 1024),  # 2.25 s -> 4.5 -> 4 (half to even)
+    ],
+)
+def test_sample_indices_follow_the_released_rule(total, source_fps, min_frames, max_frames):
+    got = compute_sample_indices(total, source_fps, 2.0, min_frames, max_frames)
+    assert got == reference_indices(total, source_fps, 2.0, min_frames, max_frames)
+
+
+def test_linspace_rounding_is_half_to_even():
+    # linspace(0, 9, 7) = 0, 1.5, 3, 4.5, 6, 7.5, 9 -> numpy rounds halves to even
+    assert compute_sample_indices(10, 10 / 3.5, 2.0, 7, 7) == [0, 2, 3, 4, 6, 8, 9]
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+def test_h264_sampling_timing_and_content(h264_clip):
+    video = load_video(h264_clip)
+    assert video.total_frames == 95 and video.source_fps == 30.0
+    assert video.frame_indices == reference_indices(95, 30.0)
+    assert video.duration == pytest.approx(95 / 30)
+    assert video.real_fps == pytest.approx(8 / (95 / 30))
+    assert video.frames.dtype == torch.uint8 and tuple(video.frames.shape) == (8, 64, 96, 3)
+    assert codes(video) == video.frame_indices
+    assert video.warnings == []
+
+
+@pytest.mark.parametrize(
+    "codec, suffix, options",
+    [
+        ("libx264", ".mp4", None),
+        ("libx265", ".mp4", X265_QUIET),
+        ("libvpx-vp9", ".webm", None),
+        ("libsvtav1", ".mp4", None),
+        ("mpeg4", ".avi", None),
+    ],
+)
+def test_codecs(tmp_path, codec, suffix, options):
+    if not encoder_available(codec):
+        pytest.skip(f"this PyAV build cannot encode {codec}")
+    path = write_test_video(
+        tmp_path / f"clip{suffix}", num_frames=50, fps=10, width=96, height=64, codec=codec, codec_options=options
+    )
+    video = load_video(path)
+    assert video.total_frames == 50
+    assert video.frame_indices == reference_indices(50, 10.0)  # 5 s -> 10 frames
+    assert codes(video) == video.frame_indices
+
+
+@pytest.mark.parametrize(
+    "codec, pix_fmt, suffix, width, height",
+    [
+        ("libx264", "yuv444p", ".mp4", 97, 61),  # odd size
+        ("libx264", "yuv420p10le", ".mp4", 64, 48),  # 10-bit
+        ("png", "gray", ".mov", 64, 48),  # grayscale
+        ("mpeg4", "yuv420p", ".avi", 66, 50),
+    ],
+)
+def test_pixel_formats_and_odd_sizes(tmp_path, codec, pix_fmt, suffix, width, height):
+    if not encoder_available(codec):
+        pytest.skip(f"this PyAV build cannot encode {codec}")
+    path = write_test_video(
+        tmp_path / f"clip{suffix}", num_frames=20, fps=10, width=width, height=height, codec=codec, pix_fmt=pix_fmt
+    )
+    video = load_video(path)
+    assert tuple(video.frames.shape) == (8, height, width, 3)
+    assert codes(video) == video.frame_indices
+    if pix_fmt == "gray":
+        frames = video.frames.int()
+        assert torch.equal(frames[..., 0], frames[..., 1]) and torch.equal(frames[..., 1], frames[..., 2])
+
+
+def test_channels_are_rgb(tmp_path):
+    path = write_test_video(tmp_path / "rb.mp4", num_frames=4, width=64, height=32, color_fn=left_red_right_blue)
+    frame = load_video(path, min_frames=1).frames[0].int()
+    assert frame[16, 8, 0] > 200 and frame[16, 8, 2] < 50  # red on the left
+    assert frame[16, 56, 2] > 200 and frame[16, 56, 0] < 50  # blue on the right
+
+
+@pytest.mark.parametrize("rotate, red_at", [(-90, "top"), (90, "bottom"), (180, "right")])
+def test_rotation_metadata_is_applied(tmp_path, rotate, red_at):
+    path = write_test_video(
+        tmp_path / "rot.mp4", num_frames=4, width=64, height=32, color_fn=left_red_right_blue, rotate=rotate
+    )
+    frame = load_video(path, min_frames=1).frames[0].int()
+    height, width = frame.shape[:2]
+    assert (height, width) == ((32, 64) if rotate == 180 else (64, 32))
+    probe = {"top": (8, width // 2), "bottom": (height - 8, width // 2), "right": (height // 2, width - 8)}[red_at]
+    assert frame[probe][0] > 200 and frame[probe][2] < 50
+
+
+def test_variable_frame_rate_uses_presentation_order(tmp_path):
+    path = write_test_video(tmp_path / "vfr.mp4", num_frames=40, fps=20, width=96, height=64, vfr=True)
+    with av.open(str(path)) as container:
+        average = float(container.streams.video[0].average_rate)
+    video = load_video(path)
+    assert video.total_frames == 40
+    assert video.source_fps == pytest.approx(average)
+    assert video.frame_indices == reference_indices(40, average)
+    assert codes(video) == video.frame_indices
+
+    times = [0.0, 0.1, 0.15, 0.5, 0.52, 0.9, 1.4, 1.45, 2.0, 2.9, 3.0, 3.7]
+    path = write_test_video(tmp_path / "vfr2.mkv", num_frames=len(times), fps=4, width=96, height=64, vfr=times)
+    video = load_video(path, min_frames=12)
+    assert codes(video) == video.frame_indices == list(range(12))
+
+
+def test_sparse_sampling_seeks_instead_of_decoding_everything(tmp_path):
+    # 400 frames, keyframe every 10: 8 wanted frames 57 apart -> seek to each one's keyframe
+    path = write_test_video(tmp_path / "long.mp4", num_frames=400, fps=40, width=96, height=64, gop=10)
+    video = load_video(path, max_frames=8)
+    assert video.frame_indices == reference_indices(400, 40.0, max_frames=8)
+    assert codes(video) == video.frame_indices
+    assert video.stats["seeks"] >= 6
+    assert video.stats["decoded_frames"] < 120  # instead of 400
+
+
+def test_dense_sampling_decodes_forward(tmp_path):
+    path = write_test_video(tmp_path / "dense.mp4", num_frames=120, fps=30, width=96, height=64, gop=250)
+    video = load_video(path)
+    assert codes(video) == video.frame_indices
+    assert video.stats["seeks"] == 0
+
+
+def test_mpegts_seeking_lands_late_and_is_corrected(tmp_path):
+    path = write_test_video(tmp_path / "long.ts", num_frames=200, fps=40, width=96, height=64, gop=10)
+    video = load_video(path, max_frames=8)
+    assert codes(video) == video.frame_indices
+    assert not any("could not be decoded" in w for w in video.warnings)
+
+
+def test_missing_frame_count_is_counted_and_reported(tmp_path):
+    path = write_test_video(tmp_path / "clip.mkv", num_frames=30, fps=10, width=96, height=64)
+    video = load_video(path)
+    assert video.total_frames == 30
+    assert any("frame count" in w for w in video.warnings)
+
+
+def test_truncated_file_decodes_what_is_there(tmp_path):
+    path = write_test_video(tmp_path / "clip.mkv", num_frames=60, fps=10, width=96, height=64)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    video = load_video(cut)
+    assert 0 < video.total_frames < 60
+    assert video.frame_indices == reference_indices(video.total_frames, 10.0)
+    assert codes(video) == video.frame_indices
+    assert any("truncated" in w for w in video.warnings)
+
+    stub = tmp_path / "stub.mkv"
+    stub.write_bytes(data[:400])
+    with pytest.raises(VideoLoadError, match="stub.mkv"):
+        load_video(stub)
+
+
+def test_file_object_and_bytes(h264_clip):
+    expected = load_video(h264_clip)
+    with open(h264_clip, "rb") as handle:
+        from_handle = load_video(handle)
+    from_bytes = load_video(h264_clip.read_bytes())
+    from_stream = load_video(io.BytesIO(h264_clip.read_bytes()))
+    for video in (from_handle, from_bytes, from_stream):
+        assert video.frame_indices == expected.frame_indices
+        assert torch.equal(video.frames, expected.frames)
+
+
+def test_audio_track_is_ignored(tmp_path):
+    path = write_test_video(tmp_path / "av.mp4", num_frames=30, fps=10, width=96, height=64, audio=True)
+    video = load_video(path)
+    assert codes(video) == video.frame_indices
+
+
+def test_max_longer_edge_resizes_like_the_processor(tmp_path):
+    from transformers_tempo.video_processing_tempo import TempoVideoProcessor
+
+    frames = make_frames(2, width=1280, height=720)
+    video = load_video(frames, video_metadata={"fps": 2.0}, max_longer_edge=512)
+    assert tuple(video.frames.shape) == (2, 288, 512, 3)
+    processor = TempoVideoProcessor()
+    full = processor.process_video(torch.from_numpy(frames), 2.0)
+    limited = processor.process_video(video.frames, 2.0)
+    assert torch.equal(full["pixel_values_videos"], limited["pixel_values_videos"])
+
+
+# ---------------------------------------------------------------------------- frames given directly
+
+
+def test_frames_given_directly():
+    frames = make_frames(6, width=32, height=24)
+    video = load_video(frames, video_metadata={"fps": 4.0})
+    assert video.real_fps == 4.0 and video.frame_indices == list(range(6)) and video.duration == 1.5
+    assert torch.equal(video.frames, torch.from_numpy(frames))
+    assert torch.equal(load_video(torch.from_numpy(frames), video_metadata={"fps": 4.0}).frames, video.frames)
+
+    from PIL import Image
+    from transformers.video_utils import VideoMetadata
+
+    as_images = load_video([Image.fromarray(f) for f in frames], video_metadata=VideoMetadata(total_num_frames=6, fps=3.0))
+    assert as_images.real_fps == 3.0 and torch.equal(as_images.frames, video.frames)
+    assert torch.equal(load_video(list(frames), video_metadata={"fps": 4.0}).frames, video.frames)
+
+    default = load_video(frames)
+    assert default.real_fps == 2.0
+    assert any("2.0 fps" in w for w in default.warnings)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_bad_paths(tmp_path):
+    with pytest.raises(VideoLoadError, match="no such file"):
+        load_video(tmp_path / "missing.mp4")
+    with pytest.raises(VideoLoadError, match="directory"):
+        load_video(tmp_path)
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(VideoLoadError, match="empty"):
+        load_video(empty)
+    with pytest.raises(VideoLoadError, match="empty"):
+        load_video(b"")
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video\n" * 20)
+    with pytest.raises(VideoLoadError, match="notes.mp4.*not a readable video"):
+        load_video(text)
+    with pytest.raises(VideoLoadError, match="unsupported video input"):
+        load_video(42)
+
+
+def test_audio_only_file(tmp_path):
+    path = tmp_path / "sound.m4a"
+    with av.open(str(path), "w") as container:
+        from transformers_tempo.synthetic import _write_silence
+
+        _write_silence(container.add_stream("aac", rate=16000), container, 0.5)
+    with pytest.raises(VideoLoadError, match="sound.m4a: audio-only"):
+        load_video(path)
+
+
+def test_zero_frames(tmp_path):
+    path = tmp_path / "nothing.avi"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        container.start_encoding()
+    with pytest.raises(VideoLoadError, match="nothing.avi.*zero frames"):
+        load_video(path)
+
+
+@pytest.mark.parametrize(
+    "frames, metadata, match",
+    [
+        (np.zeros((4, 8, 8, 3), np.uint8), {"fps": 0}, "fps is 0"),
+        (np.zeros((4, 8, 8, 3), np.uint8), {"fps": -5}, "positive"),
+        (np.zeros((4, 3, 8, 8), np.uint8), None, r"expected \(T, H, W, 3\)"),
+        (np.zeros((8, 8, 3), np.uint8), None, "single frame"),
+        (np.zeros((4, 8, 8, 3), np.float32), None, "uint8"),
+        (torch.zeros((4, 8, 8, 3), dtype=torch.int16), None, "uint8"),
+        (np.zeros((0, 8, 8, 3), np.uint8), None, "zero frames"),
+        ([], None, "empty"),
+        ([np.zeros((8, 8), np.uint8)], None, "frame 0"),
+        (np.zeros((2, 2, 402, 3), np.uint8), None, "aspect ratio"),
+    ],
+)
+def test_bad_frames(frames, metadata, match):
+    with pytest.raises(VideoLoadError, match=match):
+        load_video(frames, video_metadata=metadata)

@@ -292,12 +292,14 @@ class TempoModel(TempoPreTrainedModel):
         token_selection: str | None = None,
         padding_side: str | None = None,
         compressor_batch_size: int | None = None,
+        compressed: TempoCompressorOutput | None = None,
     ) -> DecoderInputs:
         """Compress, allocate, project and splice: returns the decoder's `inputs_embeds` and friends.
 
         Each decoder placeholder (`video_token_id` per video segment, `image_token_id` per image) is
         replaced by the kept features of the compressor row with the same rank: placeholders are read
-        row-major over the batch and match compressor rows in order.
+        row-major over the batch and match compressor rows in order. `compressed` reuses the output
+        of an earlier `compress()` call on the same rows.
         """
         cfg = self.config
         batch, seq = input_ids.shape
@@ -319,7 +321,7 @@ class TempoModel(TempoPreTrainedModel):
         relevance = allocation = sample_index = None
         kept = []
         if num_rows:
-            compressed = self.compress(
+            compressed = compressed if compressed is not None else self.compress(
                 compressor_input_ids,
                 compressor_attention_mask,
                 pixel_values_videos=pixel_values_videos,

@@ -216,7 +216,7 @@ def test_truncated_file_decodes_what_is_there(tmp_path):
 
 
 def test_file_object_and_bytes(h264_clip):
-    expected = load_video(h264_clip)
+    expected = load_video(h264_clip, progress=True)
     with open(h264_clip, "rb") as handle:
         from_handle = load_video(handle)
     from_bytes = load_video(h264_clip.read_bytes())
@@ -244,6 +244,19 @@ def test_max_longer_edge_resizes_like_the_processor(tmp_path):
     assert torch.equal(full["pixel_values_videos"], limited["pixel_values_videos"])
 
 
+def test_max_longer_edge_while_decoding_a_file(tmp_path):
+    from transformers_tempo.video_processing_tempo import longer_edge_size, resize_frames
+
+    path = write_test_video(tmp_path / "wide.mp4", num_frames=40, fps=10, width=320, height=192)
+    full = load_video(path)
+    small = load_video(path, max_longer_edge=128)
+    assert longer_edge_size(192, 320, 128) == (80, 128)
+    assert tuple(small.frames.shape) == (8, 80, 128, 3)
+    expected = resize_frames(full.frames.permute(0, 3, 1, 2), (80, 128)).permute(0, 2, 3, 1)
+    assert torch.equal(small.frames, expected)
+    assert codes(small) == small.frame_indices
+
+
 # ---------------------------------------------------------------------------- frames given directly
 
 
@@ -257,7 +270,8 @@ def test_frames_given_directly():
     from PIL import Image
     from transformers.video_utils import VideoMetadata
 
-    as_images = load_video([Image.fromarray(f) for f in frames], video_metadata=VideoMetadata(total_num_frames=6, fps=3.0))
+    metadata = VideoMetadata(total_num_frames=6, fps=3.0)
+    as_images = load_video([Image.fromarray(f) for f in frames], video_metadata=metadata)
     assert as_images.real_fps == 3.0 and torch.equal(as_images.frames, video.frames)
     assert torch.equal(load_video(list(frames), video_metadata={"fps": 4.0}).frames, video.frames)
 
@@ -320,6 +334,7 @@ def test_zero_frames(tmp_path):
         (np.zeros((0, 8, 8, 3), np.uint8), None, "zero frames"),
         ([], None, "empty"),
         ([np.zeros((8, 8), np.uint8)], None, "frame 0"),
+        ([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 9, 3), np.uint8)], None, "one size"),
         (np.zeros((2, 2, 402, 3), np.uint8), None, "aspect ratio"),
     ],
 )

@@ -162,6 +162,18 @@ def test_timestamps_and_grid(processor):
     assert one["segment_frame_timestamps"] == [[1.0]]  # frames 0 and (padding) 1 at 0.5 fps
 
 
+def test_segments_of_different_sizes():
+    """With a small total pixel budget, an 8-frame segment is shrunk more than a 2-frame one."""
+    processor = TempoVideoProcessor(video_total_pixels=4 * 131072)
+    frames = torch.from_numpy(make_frames(10, width=640, height=480))
+    out = processor.process_video(frames, real_fps=2.0)
+    assert out["video_grid_thw"].tolist() == [[4, 20, 26], [1, 24, 32]]
+    first = processor.process_video(frames[:8], real_fps=2.0)["pixel_values_videos"]
+    last = processor.process_video(frames[8:], real_fps=2.0)["pixel_values_videos"]
+    assert torch.equal(out["pixel_values_videos"], torch.cat([first, last]))
+    assert out["frame_size"] == (320, 416)
+
+
 def test_padding_repeats_pixels(processor):
     frames = torch.from_numpy(make_frames(9, width=64, height=64))
     out = processor.process_video(frames, real_fps=2.0)

@@ -202,7 +202,11 @@ class TempoModel(TempoPreTrainedModel):
                 chunk_pixels = chunk_grid = None
                 if grid is not None:
                     chunk_grid = grid[start : start + chunk]
-                    chunk_pixels = pixels[patch_offsets[start] : patch_offsets[start + sel.numel()]]
+                    # Pixels may stay on the CPU: each chunk moves on its own, so GPU memory does
+                    # not grow with the video's length.
+                    chunk_pixels = pixels[patch_offsets[start] : patch_offsets[start + sel.numel()]].to(
+                        self.memory_tokens.device, non_blocking=True
+                    )
                 feats, rel = self._compress_rows(
                     ids[sel], compressor_attention_mask[sel], chunk_pixels, chunk_grid, video=kind_mask is is_video
                 )
@@ -270,8 +274,10 @@ class TempoModel(TempoPreTrainedModel):
 
     def relevance_scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """sigmoid(r . h) in float32, one score per row of `hidden` (N, Dc)."""
-        weight = self.relevance_head.weight.float()
-        return torch.sigmoid(F.linear(hidden.float(), weight)).squeeze(-1)
+        # float32 even under mixed-precision autocast (Trainer bf16/fp16), as released
+        with torch.autocast(hidden.device.type, enabled=False):
+            weight = self.relevance_head.weight.float()
+            return torch.sigmoid(F.linear(hidden.float(), weight)).squeeze(-1)
 
     # ------------------------------------------------------------------ 2-4. allocation, projector, splice
     def prepare_decoder_inputs(
@@ -448,9 +454,14 @@ class TempoModel(TempoPreTrainedModel):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         relevance = allocation = sample_index = None
         if input_ids is not None:
-            needs_splice = compressor_input_ids is not None or bool(
-                ((input_ids == self.config.video_token_id) | (input_ids == self.config.image_token_id)).any()
-            )
+            # Decoding steps (no compressor rows) stay free of data-dependent checks so that a
+            # static-cache decode step can be compiled; a prompt with placeholders but no rows is
+            # caught by `prepare_decoder_inputs`'s count check.
+            needs_splice = compressor_input_ids is not None
+            if not needs_splice and not torch.compiler.is_compiling() and input_ids.shape[1] > 1:
+                needs_splice = bool(
+                    ((input_ids == self.config.video_token_id) | (input_ids == self.config.image_token_id)).any()
+                )
             if needs_splice:
                 prepared = self.prepare_decoder_inputs(
                     input_ids,
@@ -532,6 +543,8 @@ def resolve_ata_options(model, visual_token_budget, min_tokens_per_segment, use_
 
 class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # Decoding steps are plain Qwen3 steps: `generate(cache_implementation="static")` compiles them.
+    _can_compile_fullgraph = True
 
     def __init__(self, config: TempoConfig):
         super().__init__(config)

@@ -181,6 +181,8 @@ def write_test_video(
     frame_times = _frame_times(num_frames, fps, vfr)
 
     options = dict(codec_options or {})
+    if codec == "libx265" and "x265-params" not in options:
+        options["x265-params"] = "log-level=error"  # x265 prints its settings otherwise
     if gop is not None and codec in ("libx264", "libx265"):
         key = "x264-params" if codec == "libx264" else "x265-params"
         params = f"keyint={gop}:min-keyint={gop}:scenecut=0"

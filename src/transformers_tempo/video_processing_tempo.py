@@ -37,10 +37,7 @@ import torch
 import torch.nn.functional as F
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as qwen2vl_image_smart_resize
-from transformers.utils import logging
 from transformers.video_processing_utils import VideoProcessorMixin
-
-logger = logging.get_logger(__name__)
 
 __all__ = [
     "TempoVideoProcessor",
@@ -95,7 +92,9 @@ def qwen_vl_utils_smart_resize(
     return h_bar, w_bar
 
 
-def fetch_image_size(height: int, width: int, factor: int = 64, min_tokens: int = 4, max_tokens: int = 16384) -> tuple[int, int]:
+def fetch_image_size(
+    height: int, width: int, factor: int = 64, min_tokens: int = 4, max_tokens: int = 16384
+) -> tuple[int, int]:
     """Step (b): qwen-vl-utils 0.0.14 `fetch_image` as `fetch_video` calls it for a list of frames.
 
     `fetch_video` passes its image factor (16 * 2 = 32) as `fetch_image`'s patch size, which
@@ -469,7 +468,8 @@ class TempoVideoProcessor(VideoProcessorMixin):
         if max(height, width) / min(height, width) > self.max_aspect_ratio:
             raise ValueError(f"image of {width}x{height} pixels: aspect ratio over {self.max_aspect_ratio}:1")
         if resize_longer_edge:
-            pixels = resize_frames(pixels, longer_edge_size(height, width, self.longest_edge, self.longest_edge_multiple))
+            size = longer_edge_size(height, width, self.longest_edge, self.longest_edge_multiple)
+            pixels = resize_frames(pixels, size)
             height, width = pixels.shape[-2:]
         size = qwen2vl_image_smart_resize(
             height, width, factor=self.factor, min_pixels=self.image_min_pixels, max_pixels=self.image_max_pixels

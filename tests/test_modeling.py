@@ -394,3 +394,15 @@ def test_generate_on_gpu_matches_cpu(tiny_model, hand_inputs):
         gpu_model = copy.deepcopy(tiny_model).cuda()
         gpu = gpu_model.generate(**{k: v.cuda() for k, v in inputs.items()}, max_new_tokens=4, eos_token_id=None)
     assert torch.equal(cpu, gpu.cpu())
+
+
+def test_compress_progress_bar_same_result(tiny_model, hand_inputs, capsys):
+    inputs = hand_inputs([3])
+    args = (inputs.compressor_input_ids, inputs.compressor_attention_mask)
+    kw = dict(pixel_values_videos=inputs.pixel_values_videos, video_grid_thw=inputs.video_grid_thw)
+    with torch.no_grad():
+        quiet = tiny_model.compress(*args, **kw)
+        assert "compressing segments" not in capsys.readouterr().err
+        shown = tiny_model.compress(*args, **kw, progress=True)
+    assert "compressing segments" in capsys.readouterr().err
+    assert torch.equal(quiet.features, shown.features)

@@ -110,6 +110,8 @@ def test_tempo_demo_runs_and_says_the_model_is_random(cache):
     assert result.returncode == 0, result.stderr
     assert "RANDOM" in result.stdout
     assert "visual tokens kept" in result.stdout and "segments: 3" in result.stdout
+    answer_line = result.stdout.split("the real one.")[1].strip().splitlines()[0]
+    assert answer_line.strip() and answer_line != "answer: ''"  # the demo shows generated tokens
     assert (cache / "demo" / "tiny-tempo" / "config.json").exists()
 
 

@@ -93,14 +93,22 @@ def cmd_ask(args) -> int:
         raise UsageError(f"{video}: no such file")
     # Decode first: a bad video fails fast, before the model is loaded.
     load_options = {k: v for k, v in (("fps", args.fps), ("max_frames", args.max_frames)) if v is not None}
+    show_progress = sys.stdout.isatty() and not args.json  # tqdm bars only on a terminal, never with --json
     t0 = time.perf_counter()
     try:
-        loaded = load_video(video, progress=sys.stderr.isatty() and not args.json, **load_options)
+        loaded = load_video(video, progress=show_progress, **load_options)
     except VideoLoadError as err:
         raise UsageError(str(err)) from err
     decode_s = time.perf_counter() - t0
     vqa = load_pipeline(model, args.device, args.dtype)
-    call = {"max_new_tokens": args.max_new_tokens}
+    call = {"max_new_tokens": args.max_new_tokens, "progress": show_progress}
+    if args.min_new_tokens:
+        call["min_new_tokens"] = min(args.min_new_tokens, args.max_new_tokens)
+    if args.temperature:
+        import torch
+
+        torch.manual_seed(args.seed)
+        call.update(do_sample=True, temperature=args.temperature)
     if args.budget is not None:
         call["visual_token_budget"] = args.budget
     if args.no_ata:
@@ -169,6 +177,11 @@ def cmd_demo(args) -> int:
         print("tempo demo: a tiny RANDOM model (no real weights, no network) answers about a generated video;")
         print("the answer is noise, the path from video to answer is the real one.\n")
     args.model, args.video, args.question = str(model_dir), str(video), args.question or DEMO_QUESTION
+    # A random model's greedy answer is often empty or blank; sample a few of its (noise) tokens instead.
+    if args.min_new_tokens is None:
+        args.min_new_tokens = 8
+    if not args.temperature:
+        args.temperature = 1.0
     return cmd_ask(args)
 
 
@@ -184,6 +197,9 @@ def add_ask_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float, default=None, help="sampling rate (default 2.0)")
     p.add_argument("--max-frames", type=int, default=None, help="most frames to sample (default 1024)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--min-new-tokens", type=int, default=None, help="generate at least this many tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default: greedy)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
     p.add_argument("--dtype", default=None, help="auto, bfloat16, float16 or float32")
     p.add_argument("--json", action="store_true", help="print one JSON object")

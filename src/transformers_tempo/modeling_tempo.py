@@ -162,6 +162,7 @@ class TempoModel(TempoPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.LongTensor | None = None,
         compressor_batch_size: int | None = None,
+        progress: bool = False,
     ) -> TempoCompressorOutput:
         """Run every compressor row (one per video segment or image), `compressor_batch_size` rows at a time.
 
@@ -178,6 +179,11 @@ class TempoModel(TempoPreTrainedModel):
             raise ValueError("a compressor row holds both a video and an image; one visual input per row")
 
         chunk = compressor_batch_size or self.config.compressor_batch_size
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=num_rows, desc="compressing segments", unit="seg", leave=False)
         features = None
         scores = torch.empty(num_rows, dtype=torch.float32, device=ids.device)
         for kind_mask, pixels, grid in (
@@ -214,6 +220,10 @@ class TempoModel(TempoPreTrainedModel):
                     features = feats.new_empty(num_rows, *feats.shape[1:])
                 features[sel] = feats
                 scores[sel] = rel
+                if bar is not None:
+                    bar.update(sel.numel())
+        if bar is not None:
+            bar.close()
         return TempoCompressorOutput(features=features, relevance_scores=scores)
 
     def _compress_rows(self, ids, mask, pixels, grid, video: bool):
@@ -299,6 +309,7 @@ class TempoModel(TempoPreTrainedModel):
         padding_side: str | None = None,
         compressor_batch_size: int | None = None,
         compressed: TempoCompressorOutput | None = None,
+        progress: bool = False,
     ) -> DecoderInputs:
         """Compress, allocate, project and splice: returns the decoder's `inputs_embeds` and friends.
 
@@ -335,6 +346,7 @@ class TempoModel(TempoPreTrainedModel):
                 pixel_values=pixel_values,
                 image_grid_thw=image_grid_thw,
                 compressor_batch_size=compressor_batch_size,
+                progress=progress,
             )
             relevance = compressed.relevance_scores
             sample_index = placeholder.nonzero()[:, 0]  # row-major order == compressor row order

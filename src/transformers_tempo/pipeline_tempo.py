@@ -93,6 +93,8 @@ class VideoQuestionAnsweringPipeline(Pipeline):
         for name in ATA_CALL_OPTIONS:
             if name in kwargs:
                 forward[name] = kwargs.pop(name)
+        if "progress" in kwargs:
+            preprocess["progress"] = forward["progress"] = kwargs.pop("progress")
         forward["generate_kwargs"] = kwargs.pop("generate_kwargs", {}) | kwargs
         return preprocess, forward, {}
 
@@ -119,7 +121,7 @@ class VideoQuestionAnsweringPipeline(Pipeline):
             results.extend(self.postprocess(outputs))
         return results[0] if single else results
 
-    def preprocess(self, items, offset: int = 0, video_metadata=None, **load_options):
+    def preprocess(self, items, offset: int = 0, video_metadata=None, progress: bool = False, **load_options):
         times = StageTimes()
         t0 = time.perf_counter()
         videos = []
@@ -132,7 +134,12 @@ class VideoQuestionAnsweringPipeline(Pipeline):
                 continue
             try:
                 videos.append(
-                    load_video(item["video"], video_metadata=item.get("video_metadata", video_metadata), **load_options)
+                    load_video(
+                        item["video"],
+                        video_metadata=item.get("video_metadata", video_metadata),
+                        progress=progress,
+                        **load_options,
+                    )
                 )
             except ValueError as err:
                 raise ValueError(f"video {offset + i}: {err}") from err
@@ -147,7 +154,7 @@ class VideoQuestionAnsweringPipeline(Pipeline):
         times.preprocess = _sync(self.device) - t0
         return {"inputs": inputs, "videos": videos, "times": times}
 
-    def _forward(self, model_inputs, generate_kwargs=None, **ata_options):
+    def _forward(self, model_inputs, generate_kwargs=None, progress: bool = False, **ata_options):
         inputs, times = model_inputs["inputs"], model_inputs["times"]
         model_keys = {k: v for k, v in inputs.items() if k not in ATA_CALL_OPTIONS}
         for name in ATA_CALL_OPTIONS:
@@ -158,7 +165,7 @@ class VideoQuestionAnsweringPipeline(Pipeline):
             generate_kwargs["generation_config"] = self.generation_config
         t0 = _sync(self.device)
         with torch.inference_mode():
-            prepared = self.model.prepare_generation_inputs(**model_keys, **ata_options)
+            prepared = self.model.prepare_generation_inputs(**model_keys, progress=progress, **ata_options)
             t1 = _sync(self.device)
             output = self.model.generate(decoder_inputs=prepared, return_dict_in_generate=True, **generate_kwargs)
         t2 = _sync(self.device)

@@ -201,9 +201,9 @@ def _is_frame_list(video) -> bool:
     if not video:
         return False
     first = video[0]
-    return hasattr(first, "size") and not isinstance(first, (str, bytes)) and not hasattr(first, "read") or (
-        hasattr(first, "ndim") and getattr(first, "ndim", 0) == 3
-    )
+    is_pil_image = hasattr(first, "getpixel")
+    is_frame_array = getattr(first, "ndim", None) == 3
+    return is_pil_image or is_frame_array
 
 
 def register_pipeline():

@@ -9,6 +9,7 @@ the Qwen vocabulary's special tokens (same pre-tokenizer as Qwen2/Qwen3) and a t
 from __future__ import annotations
 
 import functools
+import json
 
 # Special tokens of the Qwen2/Qwen3/Qwen3-VL vocabulary that Tempo's prompts use.
 # Their relative order follows the real vocabulary (<|endoftext|> first).
@@ -68,18 +69,14 @@ def _tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     )
     # Repeat the corpus so that every frequent word of it is merged into whole tokens.
     tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
-    model = tok.model
     vocab = tok.get_vocab()
-    import json
-
     merges = json.loads(tok.to_str())["model"]["merges"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
-    del model
     return vocab, merges
 
 
 def build_tiny_tokenizer():
-    """A ~620-token Qwen2-style tokenizer with Tempo's special tokens, built offline."""
+    """A ~520-token Qwen2-style tokenizer with Tempo's special tokens, built offline."""
     from transformers import Qwen2Tokenizer
 
     vocab, merges = _tiny_vocab_and_merges()

@@ -21,6 +21,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 
 from .configuration_tempo import TempoConfig
+from .fast_paths import mrope_position_ids, set_fast_paths, vision_cu_seqlens_cpu
 from .token_allocation import ata_for_samples, select_tokens
 
 logger = logging.get_logger(__name__)
@@ -145,6 +146,12 @@ class TempoModel(TempoPreTrainedModel):
         self.projector = TempoProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
+        self.set_fast_paths(True)
+
+    def set_fast_paths(self, enabled: bool = True) -> None:
+        """Use the loop-free compressor steps of `fast_paths.py` (default) or the stock transformers ones."""
+        set_fast_paths(self.compressor, enabled)
+        self.fast_paths = enabled
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
@@ -248,7 +255,8 @@ class TempoModel(TempoPreTrainedModel):
         grid_kwargs = {}
         if pixels is not None:
             token_id = cfg.video_token_id if video else cfg.image_token_id
-            vision = self.compressor.get_image_features(pixels, grid, return_dict=True)
+            vision_kwargs = {"cu_seqlens": vision_cu_seqlens_cpu(grid)} if self.fast_paths else {}
+            vision = self.compressor.get_image_features(pixels, grid, return_dict=True, **vision_kwargs)
             visual_embeds = torch.cat(vision.pooler_output, dim=0).to(inputs_embeds.dtype)
             visual_pos_masks = ids == token_id
             if int(visual_pos_masks.sum()) != visual_embeds.shape[0]:
@@ -265,9 +273,14 @@ class TempoModel(TempoPreTrainedModel):
         mm_token_type_ids = torch.zeros_like(ids, dtype=torch.int)
         if pixels is not None:
             mm_token_type_ids[visual_pos_masks] = 2 if video else 1
-        position_ids, _ = self.compressor.get_rope_index(
-            ids, mm_token_type_ids=mm_token_type_ids, attention_mask=attention_mask, **grid_kwargs
-        )
+        if self.fast_paths:
+            position_ids = mrope_position_ids(
+                mm_token_type_ids, attention_mask, grid, cfg.vision_config.spatial_merge_size
+            )
+        else:
+            position_ids, _ = self.compressor.get_rope_index(
+                ids, mm_token_type_ids=mm_token_type_ids, attention_mask=attention_mask, **grid_kwargs
+            )
         out = self.compressor.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

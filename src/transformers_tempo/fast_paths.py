@@ -1,0 +1,152 @@
+"""Faster versions of three compressor steps that compute the same function as the stock ones.
+
+The stock transformers code is written for chat use (one image or a few frames); Tempo runs the
+compressor over hundreds of equal-sized frame groups, where per-group Python loops dominate:
+
+* `TempoVisionAttention`: the sdpa path of `Qwen3VLVisionAttention` calls attention once per frame
+  group (512 calls per layer for 1024 frames). When every group in the call has the same number of
+  patches (all frames of a video are resized alike) we run one batched sdpa call instead.
+* `TempoVisionPatchEmbed`: the patch embedding is a Conv3d whose stride equals its kernel, i.e. one
+  matmul per patch; cuDNN's bf16 Conv3d is slow for this shape, a Linear on the flattened patch is not.
+* `mrope_position_ids`: `Qwen3VLModel.get_rope_index` loops in Python over rows and token groups;
+  this builds the same 3-axis position ids with a few tensor ops for the whole chunk.
+
+`set_fast_paths(compressor, enabled)` switches the first two in or out (they keep the stock
+parameters and names, so checkpoints do not change); tests compare both ways.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+    Qwen3VLVisionAttention,
+    Qwen3VLVisionPatchEmbed,
+    apply_rotary_pos_emb_vision,
+)
+
+
+def equal_group_length(cu_seqlens: torch.Tensor) -> int | None:
+    """The common length of the attention groups in `cu_seqlens`, or None when they differ.
+
+    Only answered for CPU tensors (no GPU sync); `TempoModel` passes CPU `cu_seqlens` for that.
+    """
+    if cu_seqlens.device.type != "cpu" or cu_seqlens.numel() < 2:
+        return None
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    first = int(lengths[0])
+    return first if first > 0 and bool((lengths == first).all()) else None
+
+
+class TempoVisionAttention(Qwen3VLVisionAttention):
+    """`Qwen3VLVisionAttention` with one sdpa call over all frame groups when they are equal-sized."""
+
+    def forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
+        group = equal_group_length(cu_seqlens) if self.config._attn_implementation == "sdpa" else None
+        if group is None:
+            if cu_seqlens.device != hidden_states.device:
+                cu_seqlens = cu_seqlens.to(hidden_states.device)
+            return super().forward(hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
+        seq_length = hidden_states.shape[0]
+        groups = seq_length // group
+        q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        # (N, heads, d) -> (groups, heads, group, d): each group attends only to itself, as in the loop
+        q, k, v = (t.reshape(groups, group, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scaling)
+        out = out.transpose(1, 2).reshape(seq_length, -1)
+        return self.proj(out)
+
+
+class TempoVisionPatchEmbed(Qwen3VLVisionPatchEmbed):
+    """The Conv3d patch embedding as the Linear it is (stride == kernel size): same weights, same sums."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = self.proj.weight
+        flat = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)
+        return F.linear(flat, weight.reshape(self.embed_dim, -1), self.proj.bias)
+
+
+_FAST = {Qwen3VLVisionAttention: TempoVisionAttention, Qwen3VLVisionPatchEmbed: TempoVisionPatchEmbed}
+_STOCK = {fast: stock for stock, fast in _FAST.items()}
+
+
+def set_fast_paths(module: torch.nn.Module, enabled: bool = True) -> int:
+    """Switch the fast vision modules in (or back out) under `module`; returns how many were switched."""
+    table = _FAST if enabled else _STOCK
+    switched = 0
+    for sub in module.modules():
+        cls = table.get(type(sub))
+        if cls is not None:
+            sub.__class__ = cls  # same parameters and buffers, another forward
+            switched += 1
+    return switched
+
+
+def vision_cu_seqlens_cpu(grid_thw: torch.Tensor) -> torch.Tensor:
+    """Per-frame-group cumulative patch counts, as transformers computes them, but on the CPU."""
+    grid = grid_thw.detach().to("cpu", torch.long)
+    lengths = torch.repeat_interleave(grid[:, 1] * grid[:, 2], grid[:, 0])
+    return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def mrope_position_ids(
+    token_type: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    grid_thw: torch.Tensor | None,
+    spatial_merge_size: int,
+) -> torch.Tensor:
+    """(3, B, S) Qwen3-VL M-RoPE position ids, equal to `Qwen3VLModel.get_rope_index(...)[0]`.
+
+    token_type: (B, S) 0 for text, non-zero for visual tokens (one visual kind per call).
+    grid_thw: (G, 3) grids of the visual inputs in row order; each temporal step is its own run of
+    visual tokens (timestamps separate frames), with (h / merge) * (w / merge) tokens.
+    Masked positions get 0. Text advances the position by one per token; a visual run of an
+    (h', w') grid puts (t, h, w) = (p, p + row, p + col) on its tokens and advances by max(h', w').
+    """
+    batch, seq = token_type.shape
+    device = token_type.device
+    valid = torch.ones_like(token_type, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    visual = (token_type != 0) & valid
+    kind = torch.where(valid, token_type.long(), torch.full_like(token_type, -1, dtype=torch.long))
+
+    # the previous and next *valid* token of each position (masked tokens are skipped, as upstream)
+    index = torch.arange(seq, device=device).expand(batch, seq)
+    last_valid = torch.cummax(torch.where(valid, index, -1), dim=1).values
+    prev = F.pad(last_valid[:, :-1], (1, 0), value=-1)
+    next_valid = torch.flip(torch.cummin(torch.flip(torch.where(valid, index, seq), [1]), dim=1).values, [1])
+    nxt = F.pad(next_valid[:, 1:], (0, 1), value=seq)
+    prev_kind = torch.where(prev >= 0, kind.gather(1, prev.clamp(min=0)), -1)
+    next_kind = torch.where(nxt < seq, kind.gather(1, nxt.clamp(max=seq - 1)), -1)
+    run_start = visual & (prev_kind != kind)
+    run_end = visual & (next_kind != kind)
+
+    positions = torch.zeros(3, batch, seq, dtype=torch.long, device=device)
+    num_runs = int(run_start.sum())
+    compact = valid.long().cumsum(1) - 1  # index among the row's valid tokens
+    advance = (valid & ~visual).long()
+    if num_runs:
+        if grid_thw is None:
+            raise ValueError("the rows hold visual tokens but no grid_thw was given")
+        grid = grid_thw.to(device=device, dtype=torch.long)
+        grid = torch.repeat_interleave(grid, grid[:, 0], dim=0)  # one (1, h, w) grid per frame group
+        if grid.shape[0] != num_runs:
+            raise ValueError(f"the rows hold {num_runs} runs of visual tokens but grid_thw describes {grid.shape[0]}")
+        h = grid[:, 1] // spatial_merge_size
+        w = grid[:, 2] // spatial_merge_size
+        run_id = (run_start.flatten().long().cumsum(0) - 1).view(batch, seq).clamp(min=0)
+        run_len = torch.bincount(run_id[visual], minlength=num_runs)
+        if bool((run_len != h * w).any()):
+            raise ValueError("the visual runs in the rows do not match the sizes given by grid_thw")
+        advance = advance + torch.where(run_end, torch.maximum(h, w)[run_id], 0)
+        start_compact = torch.zeros(num_runs, dtype=torch.long, device=device)
+        start_compact[run_id[run_start]] = compact[run_start]
+        offset = compact - start_compact[run_id]
+        run_w = w[run_id]
+    base = advance.cumsum(1) - advance  # positions used before this token
+    positions[:] = torch.where(valid, base, 0)
+    if num_runs:
+        positions[1] = torch.where(visual, base + offset // run_w, positions[1])
+        positions[2] = torch.where(visual, base + offset % run_w, positions[2])
+    return positions

@@ -11,6 +11,7 @@ from PIL import Image
 
 from transformers_tempo.synthetic import make_frames
 from transformers_tempo.video_processing_tempo import (
+    upload_and_resize,
     TempoVideoProcessor,
     longer_edge_size,
     resize_frames,
@@ -300,6 +301,26 @@ def test_round_trip_inside_a_processor(tmp_path):
     assert loaded.video_processor.min_frames == 4
 
 
+def test_chunked_upload_and_resize_equals_whole_clip_resize():
+    frames = torch.from_numpy(np.stack([natural_image(120, 200, seed=s) for s in range(7)]))
+    sizes = [(90, 150), (64, 96)]
+    whole = frames.permute(0, 3, 1, 2)
+    for size in sizes:
+        whole = resize_frames(whole, size)
+    streamed = upload_and_resize(frames, "cpu", sizes, chunk=3)
+    assert streamed.shape == (7, 3, 64, 96) and streamed.dtype == torch.uint8
+    assert torch.equal(streamed, whole)
+
+
+def test_pixel_dtype_is_the_cast_of_the_float32_result(processor):
+    frames = torch.from_numpy(np.stack([natural_image(120, 200, seed=s) for s in range(10)]))
+    full = processor.process_video(frames, real_fps=2.0)
+    half = processor.process_video(frames, real_fps=2.0, dtype=torch.bfloat16, output_device="cpu")
+    assert half["pixel_values_videos"].dtype == torch.bfloat16
+    assert torch.equal(half["pixel_values_videos"], full["pixel_values_videos"].to(torch.bfloat16))
+    assert torch.equal(half["video_grid_thw"], full["video_grid_thw"])
+
+
 # ---------------------------------------------------------------------------- GPU
 
 
@@ -314,6 +335,10 @@ def test_cuda_matches_cpu(processor):
     assert diff.max() <= 4 and diff.mean() < 0.5
     image = processor.process_image(natural_image(300, 500), device="cuda")
     assert image["pixel_values"].is_cuda
+    # made on the GPU, handed back in pinned host memory in bf16: the same values
+    host = processor.process_video(frames, real_fps=2.0, device="cuda", dtype=torch.bfloat16, output_device="cpu")
+    assert host["pixel_values_videos"].device.type == "cpu" and host["pixel_values_videos"].is_pinned()
+    assert torch.equal(host["pixel_values_videos"], gpu["pixel_values_videos"].to(torch.bfloat16).cpu())
 
 
 def _noisy(index, width, height):

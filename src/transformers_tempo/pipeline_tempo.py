@@ -6,10 +6,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Pipeline
+from transformers import BatchFeature, Pipeline
 
 from .video_loading import LoadedVideo, load_video
 
+PIXEL_KEYS = ("pixel_values_videos", "pixel_values")
 ATA_CALL_OPTIONS = ("visual_token_budget", "min_tokens_per_segment", "use_ata")
 LOAD_OPTIONS = ("fps", "min_frames", "max_frames")
 
@@ -145,12 +146,19 @@ class VideoQuestionAnsweringPipeline(Pipeline):
                 raise ValueError(f"video {offset + i}: {err}") from err
         times.decode = time.perf_counter() - t0
         t0 = time.perf_counter()
+        on_gpu = torch.device(self.device).type == "cuda"
+        # On a GPU: resize and patchify there, keep the patches (in the model's dtype) in pinned host
+        # memory; compress() uploads them a chunk at a time, so GPU memory does not grow with length.
+        pixel_options = {"device": self.device, "pixel_device": "cpu", "pixel_dtype": self.model.dtype} if on_gpu else {}
         inputs = self.processor(
             text=[item.get("question") or "" for item in items],
             videos=videos if any(v is not None for v in videos) else None,
             return_tensors="pt",
+            **pixel_options,
         )
-        inputs = inputs.to(self.device)
+        inputs = BatchFeature(
+            {k: v if k in PIXEL_KEYS else (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+        )
         times.preprocess = _sync(self.device) - t0
         return {"inputs": inputs, "videos": videos, "times": times}
 

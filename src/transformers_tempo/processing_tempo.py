@@ -262,6 +262,8 @@ class TempoProcessor(ProcessorMixin):
         token_selection: str | None = None,
         label_scope: str = "answer",
         device: str | torch.device | None = None,
+        pixel_dtype: torch.dtype | None = None,
+        pixel_device: str | torch.device | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Inputs for one sample or a batch.
@@ -286,6 +288,11 @@ class TempoProcessor(ProcessorMixin):
                 (`preprocess_qwen`) does: whole assistant turns plus every `<|im_start|>`,
                 `<|im_end|>` and newline token of the text.
             device: where to run the video preprocessing (e.g. "cuda").
+            pixel_dtype: dtype of the pixel values (default float32; the model's dtype is the same
+                function with half the memory).
+            pixel_device: where the pixel values end up (default: `device`). `device="cuda",
+                pixel_device="cpu"`: made on the GPU, kept in pinned host memory; `compress` moves
+                them a chunk at a time, so GPU memory stays flat in video length.
         """
         if kwargs:
             raise TypeError(f"TempoProcessor got unexpected keyword arguments: {sorted(kwargs)}")
@@ -317,6 +324,7 @@ class TempoProcessor(ProcessorMixin):
                 "token_selection": token_selection,
             },
             device=device,
+            pixel_options={"dtype": pixel_dtype, "output_device": pixel_device},
         )
 
     def apply_chat_template(
@@ -495,6 +503,7 @@ class TempoProcessor(ProcessorMixin):
         ata_options,
         device,
         chat_template=None,
+        pixel_options=None,
     ) -> BatchFeature:
         if return_tensors not in (None, "pt"):
             raise ValueError(f"TempoProcessor returns PyTorch tensors only; got return_tensors={return_tensors!r}")
@@ -505,7 +514,7 @@ class TempoProcessor(ProcessorMixin):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
 
         # 1. Pixels first (loading may fail; then nothing else has been done).
-        visuals = [self._prepare_visual(s, load_options, device) for s in sources]
+        visuals = [self._prepare_visual(s, load_options, device, pixel_options or {}) for s in sources]
 
         # 2. Decoder rows and compressor rows, sample by sample, in placeholder order.
         template = chat_template or self.chat_template
@@ -547,7 +556,7 @@ class TempoProcessor(ProcessorMixin):
                 data[name] = ata_options[name]
         return BatchFeature(data=data)
 
-    def _prepare_visual(self, sample: dict, load_options: dict, device) -> dict | None:
+    def _prepare_visual(self, sample: dict, load_options: dict, device, pixel_options: dict) -> dict | None:
         """Load and preprocess a sample's video or image; errors name the sample."""
         index = sample["index"]
         if sample["video"] is not None and sample["image"] is not None:
@@ -561,7 +570,12 @@ class TempoProcessor(ProcessorMixin):
                     options.update({k: v for k, v in load_options.items() if v is not None})
                     video = load_video(video, video_metadata=sample["video_metadata"], **options)
                 out = vp.process_video(
-                    video.frames, video.real_fps, device=device, frames_per_segment=vp.frames_per_segment
+                    video.frames,
+                    video.real_fps,
+                    device=device,
+                    frames_per_segment=vp.frames_per_segment,
+                    dtype=pixel_options.get("dtype"),
+                    output_device=pixel_options.get("output_device"),
                 )
             except (ValueError, TypeError, OSError) as error:
                 raise ValueError(f"sample {index}: could not read its video: {error}") from error
@@ -569,6 +583,9 @@ class TempoProcessor(ProcessorMixin):
         if sample["image"] is not None:
             try:
                 out = vp.process_image(sample["image"], device=device)
+                out["pixel_values"] = out["pixel_values"].to(
+                    dtype=pixel_options.get("dtype") or torch.float32, device=pixel_options.get("output_device")
+                )
             except (ValueError, TypeError, OSError) as error:
                 raise ValueError(f"sample {index}: could not read its image: {error}") from error
             return {

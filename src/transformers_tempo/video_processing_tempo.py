@@ -162,6 +162,36 @@ def resize_frames(frames: torch.Tensor, size: tuple[int, int], like_pil: bool = 
     return out
 
 
+def upload_and_resize(
+    frames: torch.Tensor, device: str | torch.device, sizes: list[tuple[int, int]], chunk: int = RESIZE_CHUNK_FRAMES
+) -> torch.Tensor:
+    """(T, H, W, 3) uint8 frames -> (T, 3, h, w) uint8 on `device`, resized through `sizes` in turn.
+
+    The same function as moving all frames, then `resize_frames` for each size, done `chunk` frames
+    at a time; on CUDA the copies run on a side stream so the next chunk's copy overlaps this
+    chunk's resizing.
+    """
+    device = torch.device(device)
+    num_frames = frames.shape[0]
+    out_size = sizes[-1] if sizes else tuple(frames.shape[1:3])
+    out = torch.empty((num_frames, 3, *out_size), dtype=torch.uint8, device=device)
+    copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    for start in range(0, num_frames, chunk):
+        piece = frames[start : start + chunk]
+        if copy_stream is None:
+            piece = piece.to(device)
+        else:
+            with torch.cuda.stream(copy_stream):
+                piece = piece.to(device, non_blocking=True)
+            torch.cuda.current_stream(device).wait_stream(copy_stream)
+            piece.record_stream(torch.cuda.current_stream(device))
+        piece = piece.permute(0, 3, 1, 2)
+        for size in sizes:
+            piece = resize_frames(piece, size, like_pil=True)
+        out[start : start + piece.shape[0]] = piece
+    return out
+
+
 # ----------------------------------------------------------------------------------------
 # segments
 
@@ -327,6 +357,8 @@ class TempoVideoProcessor(VideoProcessorMixin):
         real_fps: float | None = None,
         device: str | torch.device | None = None,
         frames_per_segment: int | None = None,
+        dtype: torch.dtype | None = None,
+        output_device: str | torch.device | None = None,
     ) -> dict[str, Any]:
         """Sampled frames of one video -> compressor inputs, one segment per `video_grid_thw` row.
 
@@ -336,6 +368,11 @@ class TempoVideoProcessor(VideoProcessorMixin):
             real_fps: the frame rate of the sampled frames (timestamps are index / real_fps).
             device: where to do the work ("cuda" for the GPU); outputs stay there.
             frames_per_segment: segment length (default: the attribute, 8).
+            dtype: dtype of `pixel_values_videos` (default float32); the model's dtype saves memory
+                and a cast (the vision tower casts first thing, so the result is the same).
+            output_device: where `pixel_values_videos` should end up (default: where the work ran).
+                "cpu" with a CUDA `device`: made on the GPU, kept in pinned host memory, so GPU
+                memory does not grow with the video's length (`compress` uploads chunk by chunk).
 
         Returns a dict with
             pixel_values_videos: float32 (sum of patches, 1536);
@@ -353,16 +390,18 @@ class TempoVideoProcessor(VideoProcessorMixin):
             raise ValueError(f"real_fps must be a positive number, got {real_fps}")
         real_fps = float(real_fps)
         per_segment = int(frames_per_segment or self.frames_per_segment)
-        if device is not None:
-            frames = frames.to(device)
-
         num_frames, height, width = frames.shape[:3]
         segments = segment_frames(num_frames, per_segment)
-        # (T, H, W, 3) -> (T, 3, H, W): a channels-last view, what the uint8 kernel likes best.
-        clip = frames.permute(0, 3, 1, 2)
         size_a, size_b, _ = self.frame_sizes(height, width)
-        clip = resize_frames(clip, size_a, like_pil=True)
-        clip = resize_frames(clip, size_b, like_pil=True)
+        if device is not None and torch.device(device) != frames.device:
+            # Full-size frames never sit on the device all at once: they go over a chunk at a
+            # time and are shrunk there (memory stays flat in video length, copies overlap resizing).
+            clip = upload_and_resize(frames, device, (size_a, size_b))
+        else:
+            # (T, H, W, 3) -> (T, 3, H, W): a channels-last view, what the uint8 kernel likes best.
+            clip = frames.permute(0, 3, 1, 2)
+            clip = resize_frames(clip, size_a, like_pil=True)
+            clip = resize_frames(clip, size_b, like_pil=True)
 
         # Step (c) depends on the segment length only through max_pixels, which binds only
         # for segments of hundreds of frames; group segments by their resulting size anyway.
@@ -376,7 +415,7 @@ class TempoVideoProcessor(VideoProcessorMixin):
         for size_c, members in groups.items():
             resized = resize_frames(clip, size_c, like_pil=False)
             order = [i for s in members for i in segments[s].frames]
-            patches = self._frames_to_patches(resized, order)  # rows of all members, in order
+            patches = self._frames_to_patches(resized, order, dtype, output_device)  # members' rows, in order
             rows_per_frame_pair = (size_c[0] // self.patch_size) * (size_c[1] // self.patch_size)
             offset = 0
             for s in members:
@@ -404,22 +443,29 @@ class TempoVideoProcessor(VideoProcessorMixin):
         step = self.temporal_patch_size
         return [(times[k] + times[k + step - 1]) / 2 for k in range(0, len(times), step)]
 
-    def _frames_to_patches(self, frames: torch.Tensor, order: list[int]) -> torch.Tensor:
+    def _frames_to_patches(self, frames: torch.Tensor, order: list[int], dtype=None, output_device=None) -> torch.Tensor:
         """Normalise and patchify `frames[order]` ((N, 3, H, W) uint8, N even), a chunk of
         frames at a time into one preallocated output (the float copy of the whole clip is
         never held twice)."""
         height, width = frames.shape[-2:]
         tp = self.temporal_patch_size
         rows_per_step = (height // self.patch_size) * (width // self.patch_size)
+        output_device = torch.device(output_device) if output_device is not None else frames.device
+        to_host = output_device.type == "cpu" and frames.device.type == "cuda"
         out = torch.empty(
-            (len(order) // tp * rows_per_step, 3 * tp * self.patch_size**2), dtype=torch.float32, device=frames.device
+            (len(order) // tp * rows_per_step, 3 * tp * self.patch_size**2),
+            dtype=dtype or torch.float32,
+            device=output_device,
+            pin_memory=to_host,
         )
         chunk = max(tp, RESIZE_CHUNK_FRAMES // tp * tp)
         for start in range(0, len(order), chunk):
             picked = frames[torch.tensor(order[start : start + chunk], device=frames.device)]
-            rows = self._patchify(self._normalize(picked))
+            rows = self._patchify(self._normalize(picked)).to(out.dtype)
             first = start // tp * rows_per_step
-            out[first : first + rows.shape[0]] = rows
+            out[first : first + rows.shape[0]].copy_(rows, non_blocking=to_host)
+        if to_host:
+            torch.cuda.synchronize(frames.device)  # the pinned copy is complete before anyone reads it
         return out
 
     def _normalize(self, pixels: torch.Tensor) -> torch.Tensor:

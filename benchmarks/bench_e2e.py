@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -93,6 +94,34 @@ def build(tiny: bool, device, dtype, attn: str):
     return model, processor
 
 
+class TokenClock(BaseStreamer):
+    """Wall time (CUDA-synchronised) at which each generated token reaches the streamer."""
+
+    def __init__(self, device):
+        self.device, self.times = device, []
+
+    def put(self, value):
+        self.times.append(now(self.device))
+
+    def end(self):
+        pass
+
+
+def timed_generate(model, prepared, device, new_tokens, **extra):
+    """(seconds to the first token, decode tokens/s after it, total seconds, output ids)."""
+    clock = TokenClock(device)
+    t0 = now(device)
+    out = model.generate(
+        decoder_inputs=prepared, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        streamer=clock, **extra,
+    )
+    total = now(device) - t0
+    times = clock.times[-out.shape[1]:]  # one put per new token (a first put of the prompt is skipped)
+    first = times[0] - t0
+    rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+    return first, rate, total, out
+
+
 def compressor_flops(model, inputs, compressor_batch_size=None) -> float:
     """Matmul FLOPs of one compressor pass: every Linear (2*in*out per token) plus attention
     (4*L_q*L_k*width per sequence: scores and weighted sum; vision attention per frame pair)."""
@@ -134,19 +163,23 @@ def run_workload(model, processor, frames_count, args, device):
 
     reset_peak(device)
     t0 = now(device)
+    # GPU preprocessing hands the patches back in pinned host memory, in the model's dtype (the vision
+    # tower casts to it first thing, so the same function); compress() uploads them chunk by chunk.
+    gpu = args.gpu_preprocess and device.type == "cuda"
     inputs = processor(
         text=QUESTION,
         videos=frames,
         video_metadata={"fps": 2.0},
         return_tensors="pt",
-        device=device if args.gpu_preprocess else None,
+        device=device if gpu else None,
+        pixel_dtype=model.dtype,
+        pixel_device="cpu",
     )
-    # Patches stay where preprocessing made them, in the model's dtype (the vision tower casts to it
-    # first thing, so this is the same function); compress() moves them chunk by chunk.
-    pixels = inputs["pixel_values_videos"].to(model.dtype)
+    pixels = inputs.pop("pixel_values_videos")
     inputs = inputs.to(device)
     inputs["pixel_values_videos"] = pixels
     row["preprocess_s"] = now(device) - t0
+    row["preprocess_peak_gib"] = peak_gib(device)
     row["segments"] = int(inputs["video_grid_thw"].shape[0])
 
     keys = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
@@ -154,13 +187,13 @@ def run_workload(model, processor, frames_count, args, device):
         # warm-up of every kernel shape on the first workload only costs time once
         reset_peak(device)
         t0 = now(device)
-        compressed = model.compress(
-            keys["compressor_input_ids"],
-            keys["compressor_attention_mask"],
-            pixel_values_videos=keys["pixel_values_videos"],
-            video_grid_thw=keys["video_grid_thw"],
-            compressor_batch_size=args.compressor_batch_size,
-        )
+        compress_args = (keys["compressor_input_ids"], keys["compressor_attention_mask"])
+        compress_kwargs = {
+            "pixel_values_videos": keys["pixel_values_videos"],
+            "video_grid_thw": keys["video_grid_thw"],
+            "compressor_batch_size": args.compressor_batch_size,
+        }
+        compressed = model.compress(*compress_args, **compress_kwargs)
         row["compressor_s"] = now(device) - t0
         row["compressor_peak_gib"] = peak_gib(device)
 
@@ -173,35 +206,36 @@ def run_workload(model, processor, frames_count, args, device):
         row["visual_tokens"] = int(prepared.token_allocation.sum())
         row["decoder_len"] = int(prepared.inputs_embeds.shape[1])
 
-        reset_peak(device)
-        t0 = now(device)
-        model.generate(decoder_inputs=prepared, max_new_tokens=1, do_sample=False)
-        row["prefill_s"] = now(device) - t0
-        row["prefill_peak_gib"] = peak_gib(device)
-
         for mode in args.decode_modes:
             extra = {"cache_implementation": "static"} if mode == "static" else {}
-            if mode == "static":  # the first static-cache call compiles the decode step
-                model.generate(decoder_inputs=prepared, max_new_tokens=4, do_sample=False, **extra)
+            # warm-up with the same shapes (the static cache's length follows max_new_tokens)
+            timed_generate(model, prepared, device, args.new_tokens, **extra)
             reset_peak(device)
-            t0 = now(device)
-            out = model.generate(
-                decoder_inputs=prepared, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                do_sample=False, **extra,
-            )
-            gen_s = now(device) - t0
-            new = out.shape[1]
-            row[f"generate_{mode}_s"] = gen_s
-            row[f"decode_{mode}_tokens_per_s"] = (new - 1) / max(gen_s - row["prefill_s"], 1e-9)
+            first, rate, total, out = timed_generate(model, prepared, device, args.new_tokens, **extra)
+            row[f"prefill_{mode}_s"] = first
+            row[f"generate_{mode}_s"] = total
+            row[f"decode_{mode}_tokens_per_s"] = rate
             row["generate_peak_gib"] = max(row.get("generate_peak_gib", 0.0), peak_gib(device))
         best = min(args.decode_modes, key=lambda m: row[f"generate_{m}_s"])
         row["decode_mode"] = best
+        row["prefill_s"] = row[f"prefill_{best}_s"]
+        row["prefill_peak_gib"] = row["generate_peak_gib"]
         row["generate_s"] = row[f"generate_{best}_s"]
         row["decode_tokens_per_s"] = row[f"decode_{best}_tokens_per_s"]
 
+        if args.compare_stock:  # the same compressor pass with the stock transformers code paths
+            model.model.set_fast_paths(False)
+            try:
+                model.compress(*compress_args, **compress_kwargs)  # warm-up of its shapes
+                t0 = now(device)
+                model.compress(*compress_args, **compress_kwargs)
+                row["compressor_stock_s"] = now(device) - t0
+            finally:
+                model.model.set_fast_paths(True)
+
     row["time_to_first_token_s"] = row["compress_ata_splice_s"] + row["prefill_s"]
     row["end_to_end_s"] = row["preprocess_s"] + row["compress_ata_splice_s"] + row["generate_s"]
-    row["peak_gib"] = max(row["compressor_peak_gib"], row["prefill_peak_gib"], row["generate_peak_gib"])
+    row["peak_gib"] = max(row["preprocess_peak_gib"], row["compressor_peak_gib"], row["generate_peak_gib"])
     if args.flops:
         flops = compressor_flops(model, keys, args.compressor_batch_size)
         row["compressor_tflop"] = flops / 1e12
@@ -209,18 +243,58 @@ def run_workload(model, processor, frames_count, args, device):
     return row
 
 
+def profile_stages(model, processor, frames_count, args, device, out_dir: Path) -> list[Path]:
+    """torch.profiler tables (top kernels and ops by device time) of preprocessing and one compressor pass."""
+    from torch.profiler import ProfilerActivity, profile
+
+    h, w = (720, 1280) if not args.tiny else (96, 160)
+    frames = torch.randint(0, 256, (frames_count, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    written = []
+    gpu = args.gpu_preprocess and device.type == "cuda"
+    options = dict(device=device if gpu else None, pixel_dtype=model.dtype, pixel_device="cpu")
+    with profile(activities=activities) as prof:
+        inputs = processor(text=QUESTION, videos=frames, video_metadata={"fps": 2.0}, return_tensors="pt", **options)
+        now(device)
+    path = out_dir / f"profile-preprocess-{frames_count}.txt"
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
+    written.append(path)
+    pixels = inputs.pop("pixel_values_videos")
+    inputs = inputs.to(device)
+    with torch.inference_mode():
+        with profile(activities=activities) as prof:
+            model.compress(
+                inputs["compressor_input_ids"], inputs["compressor_attention_mask"], pixel_values_videos=pixels,
+                video_grid_thw=inputs["video_grid_thw"], compressor_batch_size=args.compressor_batch_size,
+            )
+            now(device)
+    path = out_dir / f"profile-compressor-{frames_count}.txt"
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
+    written.append(path)
+    return written
+
+
 def run_file_workload(model, processor, path, args, device):
-    """From a file: decode (CPU) -> answer, wall time file to answer."""
-    row = {"file": str(path)}
+    """From a file: decode (CPU threads) -> preprocess (GPU) -> answer; wall time file to answer."""
+    row = {"file": Path(path).name}
     t0 = time.perf_counter()
     video = load_video(path, max_frames=args.max_frames)
     row["decode_s"] = time.perf_counter() - t0
     row["frames"] = int(video.frames.shape[0])
+    row["source_frames_decoded"] = int(video.stats.get("decoded_frames", 0))
     row["decode_frames_per_s"] = row["frames"] / row["decode_s"]
+    row["decoded_frames_per_s"] = row["source_frames_decoded"] / row["decode_s"]
     t1 = now(device)
-    inputs = processor(text=QUESTION, videos=video, return_tensors="pt").to(device)
+    gpu = device.type == "cuda"
+    inputs = processor(
+        text=QUESTION, videos=video, return_tensors="pt", device=device if gpu else None,
+        pixel_dtype=model.dtype, pixel_device="cpu",
+    )
+    pixels = inputs.pop("pixel_values_videos")
+    inputs = inputs.to(device)
     with torch.inference_mode():
-        model.generate(**inputs, max_new_tokens=args.new_tokens, visual_token_budget=args.budget)
+        model.generate(**inputs, pixel_values_videos=pixels, max_new_tokens=args.new_tokens, visual_token_budget=args.budget)
     row["answer_s"] = now(device) - t1
     row["file_to_answer_s"] = now(device) - t0
     return row
@@ -237,12 +311,19 @@ def markdown(results: dict) -> str:
         "| frames | preprocess | compressor | ATA+splice | prefill | TTFT | decode tok/s | end to end | peak GiB | compressor TFLOP/s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    stock = [r for r in results["workloads"] if "compressor_stock_s" in r]
+    extra = []
+    if stock:
+        extra = ["", "Compressor with the stock transformers code paths (same run):", ""]
+        extra += [f"- {r['frames']} frames: stock {r['compressor_stock_s']:.3f} s, fast paths {r['compressor_s']:.3f} s "
+                  f"({r['compressor_stock_s'] / r['compressor_s']:.2f}x)" for r in stock]
     for r in results["workloads"]:
         lines.append(
             f"| {r['frames']} | {r['preprocess_s']:.3f} s | {r['compressor_s']:.3f} s | {r['ata_splice_s']:.3f} s | "
             f"{r['prefill_s']:.3f} s | {r['time_to_first_token_s']:.3f} s | {r['decode_tokens_per_s']:.0f} | "
             f"{r['end_to_end_s']:.3f} s | {r['peak_gib']:.1f} | {r.get('compressor_tflops_per_s', 0):.0f} |"
         )
+    lines += extra
     for r in results.get("files", []):
         lines.append("")
         lines.append(
@@ -264,7 +345,12 @@ def main(argv=None):
     p.add_argument("--decode-modes", nargs="+", default=["dynamic"], choices=["dynamic", "static"],
                    help="KV cache for decoding; 'static' compiles the decode step (CUDA graphs)")
     p.add_argument("--flops", action="store_true", help="count compressor FLOPs (one extra pass)")
+    p.add_argument("--compare-stock", action="store_true", help="also time the compressor with the stock code paths")
+    p.add_argument("--profile", type=int, default=None, metavar="FRAMES",
+                   help="write a torch.profiler table of one compressor pass at this many frames")
     p.add_argument("--file", default=None, help="also time file -> answer on this video")
+    p.add_argument("--long-video-minutes", type=float, default=None,
+                   help="generate a 1280x720 30 fps H.264 file this long and time file -> answer on it")
     p.add_argument("--max-frames", type=int, default=1024)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--machine", default=None)
@@ -300,12 +386,25 @@ def main(argv=None):
         row = run_workload(model, processor, n, args, device)
         results["workloads"].append(row)
         print(json.dumps(row), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        for path in profile_stages(model, processor, args.profile, args, device, out):
+            print(f"wrote {path}", flush=True)
+    if args.long_video_minutes and not args.file:
+        from transformers_tempo.synthetic import write_long_video
+
+        t0 = time.perf_counter()
+        size = (160, 96) if args.tiny else (1280, 720)
+        args.file = str(write_long_video(
+            Path(os.environ.get("TMPDIR", "/tmp")) / f"tempo-long-{args.long_video_minutes}min.mp4",
+            duration=60 * args.long_video_minutes, width=size[0], height=size[1], fps=30,
+        ))
+        print(f"wrote a {args.long_video_minutes}-minute test video in {time.perf_counter() - t0:.1f} s", flush=True)
     if args.file:
         results["files"] = [run_file_workload(model, processor, args.file, args, device)]
         print(json.dumps(results["files"][0]), flush=True)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"e2e-{'tiny' if args.tiny else 'gpu'}-{results['date'][:10]}"
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     (out / f"{stem}.md").write_text(markdown(results))

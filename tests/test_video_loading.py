@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from transformers_tempo.synthetic import decode_frame_index, encoder_available, make_frames, write_test_video
+from transformers_tempo.synthetic import (
+    decode_frame_index,
+    encoder_available,
+    make_frames,
+    write_long_video,
+    write_test_video,
+)
 from transformers_tempo.video_loading import LoadedVideo, VideoLoadError, compute_sample_indices, load_video
 
 X265_QUIET = {"x265-params": "log-level=error"}
@@ -341,3 +347,13 @@ def test_zero_frames(tmp_path):
 def test_bad_frames(frames, metadata, match):
     with pytest.raises(VideoLoadError, match=match):
         load_video(frames, video_metadata=metadata)
+
+
+def test_long_video_by_remuxing_a_clip(tmp_path):
+    path = write_long_video(tmp_path / "long.mp4", duration=60, clip_seconds=2, fps=30, width=160, height=96, gop=30)
+    video = load_video(path, max_frames=16)
+    assert video.duration == pytest.approx(60.0, abs=0.05)
+    assert video.frames.shape == (16, 96, 160, 3)
+    # frame i of the file shows frame i mod 60 of the clip
+    indices = compute_sample_indices(1800, 30.0, fps=2.0, max_frames=16)
+    assert [decode_frame_index(f.numpy()) for f in video.frames] == [i % 60 for i in indices]

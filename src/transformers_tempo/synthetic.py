@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from fractions import Fraction
@@ -269,3 +270,42 @@ def _write_silence(stream, container, seconds: float) -> None:
             container.mux(packet)
     for packet in stream.encode():
         container.mux(packet)
+
+
+def write_long_video(
+    path: str | os.PathLike,
+    duration: float,
+    clip_seconds: float = 10.0,
+    fps: float = 30,
+    width: int = 1280,
+    height: int = 720,
+    gop: int = 250,
+    codec_options: dict[str, str] | None = None,
+) -> Path:
+    """An hour-long H.264 file in seconds: encode a `clip_seconds` clip once, then copy its packets
+    over and over with shifted timestamps (no re-encoding). Decoding it costs what decoding any
+    H.264 file of that size, rate and keyframe interval costs; the picture repeats every clip.
+    """
+    import av
+
+    path = Path(path)
+    clip_frames = max(1, round(clip_seconds * fps))
+    clip = write_test_video(
+        path.with_name(path.stem + ".clip.mp4"), num_frames=clip_frames, fps=fps, width=width, height=height,
+        gop=gop, codec_options={"preset": "ultrafast", **(codec_options or {})},
+    )
+    copies = max(1, math.ceil(duration / (clip_frames / fps)))
+    with av.open(str(clip)) as source, av.open(str(path), mode="w") as out:
+        in_stream = source.streams.video[0]
+        out_stream = out.add_stream_from_template(in_stream)
+        packets = [p for p in source.demux(in_stream) if p.dts is not None]
+        span = clip_frames / fps / in_stream.time_base  # one clip in stream ticks
+        for copy in range(copies):
+            shift = int(round(copy * span))
+            for packet in packets:
+                packet.stream = out_stream
+                packet.pts, packet.dts = packet.pts + shift, packet.dts + shift
+                out.mux(packet)
+                packet.pts, packet.dts = packet.pts - shift, packet.dts - shift
+    clip.unlink()
+    return path

@@ -111,15 +111,41 @@ def timed_generate(model, prepared, device, new_tokens, **extra):
     """(seconds to the first token, decode tokens/s after it, total seconds, output ids)."""
     clock = TokenClock(device)
     t0 = now(device)
+    inputs = {"decoder_inputs": prepared}
+    if not hasattr(model, "prepare_generation_inputs"):  # a plain decoder: the spliced embeddings
+        inputs = {"inputs_embeds": prepared.inputs_embeds, "attention_mask": prepared.attention_mask}
     out = model.generate(
-        decoder_inputs=prepared, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-        streamer=clock, **extra,
+        **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock, **extra
     )
     total = now(device) - t0
     times = clock.times[-out.shape[1]:]  # one put per new token (a first put of the prompt is skipped)
     first = times[0] - t0
     rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
     return first, rate, total, out
+
+
+def plain_decoder(model):
+    """A Qwen3ForCausalLM that shares the Tempo decoder's modules (no copy): the stock decoding path."""
+    from transformers import Qwen3ForCausalLM
+
+    with torch.device("meta"):
+        lm = Qwen3ForCausalLM(model.config.text_config)
+    lm.model = model.model.language_model
+    lm.lm_head = model.lm_head
+    lm.generation_config = model.generation_config
+    return lm.eval()
+
+
+def profile_decode(model, prepared, device, out_dir: Path, new_tokens: int) -> Path:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        timed_generate(model, prepared, device, new_tokens, cache_implementation="static")
+    path = out_dir / "profile-decode.txt"
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
+    return path
 
 
 def compressor_flops(model, inputs, compressor_batch_size=None) -> float:
@@ -155,7 +181,28 @@ def compressor_flops(model, inputs, compressor_batch_size=None) -> float:
     return total
 
 
+def compressor_seconds(model, processor, frames_count, args, device, repeats=2) -> float:
+    """Best of `repeats` timed compressor passes (after one warm-up) on random 1280x720 frames."""
+    h, w = (720, 1280) if not args.tiny else (96, 160)
+    frames = torch.randint(0, 256, (frames_count, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    gpu = args.gpu_preprocess and device.type == "cuda"
+    inputs = processor(text=QUESTION, videos=frames, video_metadata={"fps": 2.0}, return_tensors="pt",
+                       device=device if gpu else None, pixel_dtype=model.dtype, pixel_device="cpu")
+    pixels = inputs.pop("pixel_values_videos")
+    inputs = inputs.to(device)
+    best = float("inf")
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            t0 = now(device)
+            model.compress(inputs["compressor_input_ids"], inputs["compressor_attention_mask"], pixel_values_videos=pixels,
+                           video_grid_thw=inputs["video_grid_thw"], compressor_batch_size=args.compressor_batch_size)
+            if i:
+                best = min(best, now(device) - t0)
+    return best
+
+
 def run_workload(model, processor, frames_count, args, device):
+    args.frames_for_profile = args.profile or 1024
     h, w = (720, 1280) if not args.tiny else (96, 160)
     gen = torch.Generator().manual_seed(frames_count)
     frames = torch.randint(0, 256, (frames_count, h, w, 3), dtype=torch.uint8, generator=gen)
@@ -222,6 +269,17 @@ def run_workload(model, processor, frames_count, args, device):
         row["prefill_peak_gib"] = row["generate_peak_gib"]
         row["generate_s"] = row[f"generate_{best}_s"]
         row["decode_tokens_per_s"] = row[f"decode_{best}_tokens_per_s"]
+
+        if args.plain_decoder:  # the same decode through a stock Qwen3ForCausalLM sharing the weights
+            lm = plain_decoder(model)
+            for mode in args.decode_modes:
+                extra = {"cache_implementation": "static"} if mode == "static" else {}
+                timed_generate(lm, prepared, device, args.new_tokens, **extra)
+                first, rate, total, plain_out = timed_generate(lm, prepared, device, args.new_tokens, **extra)
+                row[f"plain_decoder_{mode}_tokens_per_s"] = rate
+                row[f"plain_decoder_{mode}_same_tokens"] = bool(torch.equal(plain_out[:, -out.shape[1]:], out))
+        if args.profile_decode and frames_count == args.frames_for_profile:
+            print(f"wrote {profile_decode(model, prepared, device, Path(args.out), args.new_tokens)}", flush=True)
 
         if args.compare_stock:  # the same compressor pass with the stock transformers code paths
             model.model.set_fast_paths(False)
@@ -317,6 +375,11 @@ def markdown(results: dict) -> str:
         extra = ["", "Compressor with the stock transformers code paths (same run):", ""]
         extra += [f"- {r['frames']} frames: stock {r['compressor_stock_s']:.3f} s, fast paths {r['compressor_s']:.3f} s "
                   f"({r['compressor_stock_s'] / r['compressor_s']:.2f}x)" for r in stock]
+    eager = [r for r in results["workloads"] if "compressor_eager_s" in r]
+    if eager:
+        extra += ["", "Compressor eager vs torch.compile (same run; the table above is compiled):", ""]
+        extra += [f"- {r['frames']} frames: eager {r['compressor_eager_s']:.3f} s, compiled {r['compressor_s']:.3f} s "
+                  f"({r['compressor_eager_s'] / r['compressor_s']:.2f}x)" for r in eager]
     for r in results["workloads"]:
         lines.append(
             f"| {r['frames']} | {r['preprocess_s']:.3f} s | {r['compressor_s']:.3f} s | {r['ata_splice_s']:.3f} s | "
@@ -345,6 +408,9 @@ def main(argv=None):
     p.add_argument("--decode-modes", nargs="+", default=["dynamic"], choices=["dynamic", "static"],
                    help="KV cache for decoding; 'static' compiles the decode step (CUDA graphs)")
     p.add_argument("--flops", action="store_true", help="count compressor FLOPs (one extra pass)")
+    p.add_argument("--plain-decoder", action="store_true", help="also decode through a stock Qwen3ForCausalLM view")
+    p.add_argument("--profile-decode", action="store_true", help="profile static-cache decoding at the --profile size")
+    p.add_argument("--compile-compressor", action="store_true", help="torch.compile the compressor layers first")
     p.add_argument("--compare-stock", action="store_true", help="also time the compressor with the stock code paths")
     p.add_argument("--profile", type=int, default=None, metavar="FRAMES",
                    help="write a torch.profiler table of one compressor pass at this many frames")
@@ -362,6 +428,13 @@ def main(argv=None):
     if args.tiny and args.budget == 8192:
         args.budget = 64
     model, processor = build(args.tiny, device, dtype, args.attn)
+    eager_compressor = {}
+    if args.compile_compressor:  # the eager compressor first, in the same run, for the before/after
+        for n in frames_list:
+            eager_compressor[n] = compressor_seconds(model, processor, n, args, device)
+        model.model.compile_compressor()
+        for n in frames_list:  # compile for every shape before timing (automatic dynamic shapes settle)
+            compressor_seconds(model, processor, n, args, device, repeats=1)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     except OSError:
@@ -384,6 +457,8 @@ def main(argv=None):
     run_workload(model, processor, frames_list[0], argparse.Namespace(**{**vars(args), "flops": False}), device)
     for n in frames_list:
         row = run_workload(model, processor, n, args, device)
+        if n in eager_compressor:
+            row["compressor_eager_s"] = eager_compressor[n]
         results["workloads"].append(row)
         print(json.dumps(row), flush=True)
     out = Path(args.out)

@@ -169,3 +169,32 @@ def test_mrope_position_ids_reject_mismatched_grids(tiny_model):
         mrope_position_ids(token_type, None, torch.tensor([[1, 2, 4]]), merge)
     with pytest.raises(ValueError, match="no grid_thw"):
         mrope_position_ids(token_type, None, None, merge)
+
+
+def test_compiled_compressor_equals_eager(tiny_model, hand_inputs):
+    inputs = hand_inputs([2, 1], grid=(4, 4, 6), seed=5)
+    compiled = copy.deepcopy(tiny_model)
+    torch._dynamo.reset()
+    # aot_eager traces exactly what inductor would compile, without needing a C compiler here
+    compiled.model.compile_compressor(backend="aot_eager")
+    expected = compress(tiny_model, inputs)
+    got = compress(compiled, inputs)
+    torch.testing.assert_close(got.features, expected.features, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.relevance_scores, expected.relevance_scores, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_inductor_compiled_compressor_on_gpu_equals_eager(tiny_model, hand_inputs):
+    inputs = hand_inputs([3], grid=(4, 4, 6), seed=6)
+    eager = copy.deepcopy(tiny_model).cuda()
+    compiled = copy.deepcopy(tiny_model).cuda()
+    torch._dynamo.reset()
+    compiled.model.compile_compressor()
+    x = {k: v.cuda() for k, v in inputs.model_inputs().items()}
+    with torch.no_grad():
+        args = (x["compressor_input_ids"], x["compressor_attention_mask"])
+        kwargs = {"pixel_values_videos": x["pixel_values_videos"], "video_grid_thw": x["video_grid_thw"]}
+        expected = eager.model.compress(*args, **kwargs)
+        got = compiled.model.compress(*args, **kwargs)
+    torch.testing.assert_close(got.features, expected.features, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(got.relevance_scores, expected.relevance_scores, rtol=1e-3, atol=1e-5)

@@ -42,7 +42,13 @@ class TempoVisionAttention(Qwen3VLVisionAttention):
     """`Qwen3VLVisionAttention` with one sdpa call over all frame groups when they are equal-sized."""
 
     def forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
-        group = equal_group_length(cu_seqlens) if self.config._attn_implementation == "sdpa" else None
+        # `vision_group_size` (a Python int, from TempoModel) spares the check and keeps this
+        # function free of data-dependent branches under torch.compile.
+        group = kwargs.pop("vision_group_size", None)
+        if self.config._attn_implementation != "sdpa":
+            group = None
+        elif group is None:
+            group = equal_group_length(cu_seqlens)
         if group is None:
             if cu_seqlens.device != hidden_states.device:
                 cu_seqlens = cu_seqlens.to(hidden_states.device)

@@ -21,7 +21,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 
 from .configuration_tempo import TempoConfig
-from .fast_paths import mrope_position_ids, set_fast_paths, vision_cu_seqlens_cpu
+from .fast_paths import equal_group_length, mrope_position_ids, set_fast_paths, vision_cu_seqlens_cpu
 from .token_allocation import ata_for_samples, select_tokens
 
 logger = logging.get_logger(__name__)
@@ -153,6 +153,18 @@ class TempoModel(TempoPreTrainedModel):
         set_fast_paths(self.compressor, enabled)
         self.fast_paths = enabled
 
+    def compile_compressor(self, **compile_kwargs) -> None:
+        """`torch.compile` every vision block and compressor language-model layer, in place.
+
+        The compressor runs hundreds of same-shaped segments; compiling fuses the float32 norms,
+        rotary embeddings and activations around its matmuls (most of its memory traffic). The
+        first chunks of a new shape pay the compilation. Same function, same weights.
+        """
+        for block in self.compressor.visual.blocks:
+            block.compile(**compile_kwargs)
+        for layer in self.compressor.language_model.layers:
+            layer.compile(**compile_kwargs)
+
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
 
@@ -255,7 +267,12 @@ class TempoModel(TempoPreTrainedModel):
         grid_kwargs = {}
         if pixels is not None:
             token_id = cfg.video_token_id if video else cfg.image_token_id
-            vision_kwargs = {"cu_seqlens": vision_cu_seqlens_cpu(grid)} if self.fast_paths else {}
+            vision_kwargs = {}
+            if self.fast_paths:
+                vision_kwargs["cu_seqlens"] = vision_cu_seqlens_cpu(grid)
+                group = equal_group_length(vision_kwargs["cu_seqlens"])
+                if group is not None:
+                    vision_kwargs["vision_group_size"] = group
             vision = self.compressor.get_image_features(pixels, grid, return_dict=True, **vision_kwargs)
             visual_embeds = torch.cat(vision.pooler_output, dim=0).to(inputs_embeds.dtype)
             visual_pos_masks = ids == token_id

@@ -406,3 +406,26 @@ def test_compress_progress_bar_same_result(tiny_model, hand_inputs, capsys):
         shown = tiny_model.compress(*args, **kw, progress=True)
     assert "compressing segments" in capsys.readouterr().err
     assert torch.equal(quiet.features, shown.features)
+
+
+def test_decoding_runs_through_a_plain_qwen3_view_that_shares_weights(tiny_model, hand_inputs):
+    lm = tiny_model.plain_decoder()
+    assert type(lm).__name__ == "Qwen3ForCausalLM"
+    assert lm.model is tiny_model.model.language_model and lm.lm_head is tiny_model.lm_head
+    assert tiny_model.plain_decoder() is lm  # built once
+    assert not any("_plain_decoder" in name for name in tiny_model.state_dict())
+    assert all(p.device.type != "meta" for p in lm.parameters())
+    # the view decodes exactly what Tempo's own forward would, step by step, from the spliced embeddings
+    inputs = hand_inputs([2]).model_inputs()
+    with torch.no_grad():
+        prepared = tiny_model.prepare_generation_inputs(**inputs)
+        ours = tiny_model.generate(decoder_inputs=prepared, max_new_tokens=3, do_sample=False, eos_token_id=None)
+        embeds, mask = prepared.inputs_embeds, prepared.attention_mask
+        expected = []
+        for _ in range(3):
+            logits = tiny_model(inputs_embeds=embeds, attention_mask=mask).logits[:, -1]
+            token = logits.argmax(-1, keepdim=True)
+            expected.append(token)
+            embeds = torch.cat([embeds, tiny_model.get_input_embeddings()(token)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+    assert torch.equal(ours, torch.cat(expected, dim=1))

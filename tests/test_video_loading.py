@@ -357,3 +357,12 @@ def test_long_video_by_remuxing_a_clip(tmp_path):
     # frame i of the file shows frame i mod 60 of the clip
     indices = compute_sample_indices(1800, 30.0, fps=2.0, max_frames=16)
     assert [decode_frame_index(f.numpy()) for f in video.frames] == [i % 60 for i in indices]
+
+
+def test_pin_memory_gives_the_same_frames(tmp_path):
+    path = write_test_video(tmp_path / "pin.mp4", num_frames=20, fps=10, width=64, height=48)
+    plain = load_video(path)
+    pinned = load_video(path, pin_memory=True)
+    assert torch.equal(plain.frames, pinned.frames)
+    # page-locked only where CUDA exists (pinning needs a driver); never an error without one
+    assert pinned.frames.is_pinned() == torch.cuda.is_available()

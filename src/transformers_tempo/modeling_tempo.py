@@ -771,7 +771,8 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
                 token_selection=token_selection,
                 compressor_batch_size=compressor_batch_size,
             )
-        output = super().generate(
+        kwargs.setdefault("generation_config", self.generation_config)
+        output = self.plain_decoder().generate(
             inputs_embeds=decoder_inputs.inputs_embeds, attention_mask=decoder_inputs.attention_mask, **kwargs
         )
         if isinstance(output, ModelOutput):
@@ -779,6 +780,26 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
             output["token_allocation"] = decoder_inputs.token_allocation
             output["segment_sample_index"] = decoder_inputs.segment_sample_index
         return output
+
+    def plain_decoder(self):
+        """The decoder as a stock `Qwen3ForCausalLM` sharing this model's modules (no weights copied).
+
+        After the splice, decoding is plain Qwen3: `generate()` hands it the spliced embeddings, so
+        every decoding step runs transformers' own Qwen3 code (and its compiled static-cache path),
+        not Tempo's multimodal forward. Measured on an H100: 110 vs 89 tokens/s, identical tokens.
+        """
+        from transformers import Qwen3ForCausalLM
+
+        lm = self.__dict__.get("_plain_decoder")  # not a submodule: kept out of state_dict and .to()
+        if lm is None or lm.model is not self.model.language_model or lm.lm_head is not self.lm_head:
+            with torch.device("meta"):
+                lm = Qwen3ForCausalLM(self.config.text_config)
+            lm.model, lm.lm_head = self.model.language_model, self.lm_head
+            lm.eval()
+            self.__dict__["_plain_decoder"] = lm
+        lm.generation_config = self.generation_config
+        lm.train(self.training)
+        return lm
 
     def apply_released_rotary_rounding(self):
         """Round every rotary inverse-frequency buffer through float16 then bfloat16, as the released

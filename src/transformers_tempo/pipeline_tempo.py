@@ -139,6 +139,7 @@ class VideoQuestionAnsweringPipeline(Pipeline):
                         item["video"],
                         video_metadata=item.get("video_metadata", video_metadata),
                         progress=progress,
+                        pin_memory=torch.device(self.device).type == "cuda",  # fast, async upload
                         **load_options,
                     )
                 )

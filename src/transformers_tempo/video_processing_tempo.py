@@ -175,34 +175,19 @@ def upload_and_resize(
     num_frames = frames.shape[0]
     out_size = sizes[-1] if sizes else tuple(frames.shape[1:3])
     out = torch.empty((num_frames, 3, *out_size), dtype=torch.uint8, device=device)
-    on_cuda = device.type == "cuda" and frames.device.type == "cpu"
-    if on_cuda:
-        # Copies from pageable memory run at a fraction of the bus speed and block; two pinned
-        # staging buffers let the (multi-threaded) host copy of one chunk overlap the upload and
-        # resizing of the previous one.
+    # Pinned (page-locked) frames, as load_video(pin_memory=True) gives, go up asynchronously on a
+    # side stream, overlapping the resizing of the previous chunk; pageable ones are copied as they come.
+    async_copy = device.type == "cuda" and frames.device.type == "cpu" and frames.is_pinned()
+    if async_copy:
         copy_stream = torch.cuda.Stream(device)
         compute_stream = torch.cuda.current_stream(device)
-        staging = None if frames.is_pinned() else [
-            torch.empty((min(chunk, num_frames), *frames.shape[1:]), dtype=frames.dtype, pin_memory=True) for _ in range(2)
-        ]
-        uploaded = [None, None]  # per staging buffer: the event after its last upload
-    for step, start in enumerate(range(0, num_frames, chunk)):
+    for start in range(0, num_frames, chunk):
         piece = frames[start : start + chunk]
-        if not on_cuda:
+        if not async_copy:
             piece = piece.to(device)
         else:
-            if staging is not None:
-                slot = step % 2
-                if uploaded[slot] is not None:
-                    uploaded[slot].synchronize()  # that buffer's previous upload is done
-                buffer = staging[slot][: piece.shape[0]]
-                buffer.copy_(piece)
-                piece = buffer
             with torch.cuda.stream(copy_stream):
                 piece = piece.to(device, non_blocking=True)
-                if staging is not None:
-                    uploaded[step % 2] = torch.cuda.Event()
-                    uploaded[step % 2].record(copy_stream)
             compute_stream.wait_stream(copy_stream)
             piece.record_stream(compute_stream)
         piece = piece.permute(0, 3, 1, 2)

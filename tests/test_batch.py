@@ -149,6 +149,7 @@ def test_two_processes_answer_each_item_once_in_input_order(vqa, video_dir, tmp_
     assert [line["id"] for line in lines] == [item["id"] for item in items]
     for line, item in zip(lines, items):
         assert_matches_direct(line, direct(vqa, video_dir, item), item)
+    assert [line["batch_size"] for line in lines] == [2, 2, 2, 2, 1]
     assert summaries[1] is None
     assert summaries[0]["answered"] == 5 and summaries[0]["failed"] == 0 and summaries[0]["skipped"] == 0
     assert summaries[0]["processes"] == 2
@@ -308,6 +309,7 @@ def test_a_batch_the_model_refuses_is_answered_one_by_one(vqa, video_dir, tmp_pa
     }  # fmt: skip
     for index in (0, 2):
         assert_matches_direct(lines[index], direct(vqa, video_dir, items[index]), items[index])
+        assert lines[index]["batch_size"] == 1
 
 
 def test_errors_are_kept_on_resume_unless_retried(model_dir, video_dir, tmp_path, capsys):
@@ -430,6 +432,7 @@ def model_inputs(model_dir, video_dir):
     )
 
 
+@pytest.mark.filterwarnings("ignore:The following device_map keys do not match")
 def test_device_maps_on_cpu_give_the_plain_model_outputs(model_dir, model_inputs, tmp_path):
     from accelerate import dispatch_model
 

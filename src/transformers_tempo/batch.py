@@ -301,20 +301,19 @@ def answer_items(vqa, items: list[dict], writer: LineWriter, settings: BatchSett
             continue
         call = _call_options(batch[0][1], settings)
         try:
-            results = _ask(vqa, loaded, call)
+            answered = list(zip(loaded, _ask(vqa, loaded, call)))
         except ValueError as err:
             if len(loaded) == 1:
                 fail(loaded[0][0], f"{loaded[0][0]['video']}: {err}")
                 continue
-            results = [None] * len(loaded)  # find the item the model refused: answer each on its own
-        for (item, video, decode_s), result in zip(loaded, results):
-            if result is None:
+            answered = []  # the model refused this batch: answer each video on its own to find the bad one
+            for one in loaded:
                 try:
-                    result = _ask(vqa, [(item, video, decode_s)], call)[0]
+                    answered.append((one, _ask(vqa, [one], call)[0]))
                 except ValueError as err:
-                    fail(item, f"{item['video']}: {err}")
-                    continue
-            writer.write(answer_line(item, result, decode_s, len(loaded)))
+                    fail(one[0], f"{one[0]['video']}: {err}")
+        for (item, _, decode_s), result in answered:
+            writer.write(answer_line(item, result, decode_s))
             counts["answered"] += 1
             bar.update(1)
     bar.close()
@@ -323,13 +322,14 @@ def answer_items(vqa, items: list[dict], writer: LineWriter, settings: BatchSett
 
 def _batches(ready: list, size: int):
     """Runs of consecutive items with the same model options, at most `size` long."""
-    batch = []
+    batch, key = [], None
     for item, options in ready:
-        key = (options["visual_token_budget"], options["max_new_tokens"])
-        if batch and (len(batch) == size or key != (batch[0][1]["visual_token_budget"], batch[0][1]["max_new_tokens"])):
+        item_key = (options["visual_token_budget"], options["max_new_tokens"])
+        if batch and (len(batch) == size or item_key != key):
             yield batch
             batch = []
         batch.append((item, options))
+        key = item_key
     if batch:
         yield batch
 
@@ -348,17 +348,21 @@ def _call_options(options: dict, settings: BatchSettings) -> dict:
 
 
 def _ask(vqa, loaded: list, call: dict) -> list[dict]:
+    """One model call for the (item, video, decode seconds) in `loaded`; notes the call's size on each result."""
     videos = [video for _, video, _ in loaded]
     questions = [item["question"] for item, _, _ in loaded]
-    return vqa(video=videos, question=questions, batch_size=len(loaded), **call)
+    results = vqa(video=videos, question=questions, batch_size=len(loaded), **call)
+    for result in results:
+        result["batch_size"] = len(loaded)
+    return results
 
 
-def answer_line(item: dict, result: dict, decode_s: float, batch_size: int) -> dict:
+def answer_line(item: dict, result: dict, decode_s: float) -> dict:
     line = {"id": item["id"], "question": item["question"], "video": item["video"]}
     line.update({key: result[key] for key in RESULT_KEYS if key in result})
-    # preprocess/compress/answer are for the whole model call (batch_size items); decode is this video's
+    # preprocess/compress/answer are for the whole model call (batch_size videos); decode is this video's
     line["timings"] = {**result.get("timings", {}), "decode": decode_s}
-    line["batch_size"] = batch_size
+    line["batch_size"] = result["batch_size"]
     return line
 
 
@@ -498,7 +502,10 @@ def run_batch(args) -> int:
         torch.manual_seed(args.seed + state.process_index)
     if device_map is None:
         # one device per process: accelerate's (cuda:N under accelerate launch), or --device
-        device_map = {"": args.device or str(state.device)}
+        device = torch.device(args.device or state.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        device_map = {"": str(device)}
 
     settings = BatchSettings(
         visual_token_budget=args.budget,

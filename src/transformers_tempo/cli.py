@@ -54,13 +54,36 @@ def ensure_demo_assets(quiet: bool = False) -> tuple[Path, Path]:
     return model_dir, video
 
 
-def load_pipeline(model: str, device: str | None, dtype: str | None):
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(text: str | None):
+    """--device-map: a strategy name (auto, balanced, ...) or a JSON object {module name: device}."""
+    if text is None:
+        return None
+    if text in DEVICE_MAP_STRATEGIES:
+        return text
+    try:
+        device_map = json.loads(text)
+    except json.JSONDecodeError:
+        device_map = None
+    if not isinstance(device_map, dict) or not all(isinstance(v, (int, str)) for v in device_map.values()):
+        raise UsageError(
+            f"--device-map: expected one of {', '.join(DEVICE_MAP_STRATEGIES)} or a JSON object such as "
+            f'\'{{"model.compressor": 0, "model.language_model": 1, "lm_head": 1}}\', got {text!r}'
+        )
+    return device_map
+
+
+def load_pipeline(model: str, device: str | None, dtype: str | None, device_map=None):
     import torch
     from transformers import pipeline
 
     from . import pipeline_tempo  # noqa: F401  (registration happens on package import)
 
     kwargs = {}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     if dtype and dtype != "auto":
         if not hasattr(torch, dtype):
             raise UsageError(f"--dtype: unknown dtype {dtype!r} (try bfloat16, float16, float32)")
@@ -88,6 +111,9 @@ def cmd_ask(args) -> int:
         raise UsageError(f"--budget must be a positive number of visual tokens, got {args.budget}")
     if args.fps is not None and args.fps <= 0:
         raise UsageError(f"--fps must be positive, got {args.fps}")
+    device_map = parse_device_map(args.device_map)
+    if device_map is not None and args.device:
+        raise UsageError("give --device or --device-map, not both")
     video = Path(args.video)
     if not video.exists():
         raise UsageError(f"{video}: no such file")
@@ -100,7 +126,7 @@ def cmd_ask(args) -> int:
     except VideoLoadError as err:
         raise UsageError(str(err)) from err
     decode_s = time.perf_counter() - t0
-    vqa = load_pipeline(model, args.device, args.dtype)
+    vqa = load_pipeline(model, args.device, args.dtype, device_map)
     call = {"max_new_tokens": args.max_new_tokens, "progress": show_progress}
     if args.min_new_tokens:
         call["min_new_tokens"] = min(args.min_new_tokens, args.max_new_tokens)
@@ -185,6 +211,12 @@ def cmd_demo(args) -> int:
     return cmd_ask(args)
 
 
+def cmd_batch(args) -> int:
+    from .batch import run_batch
+
+    return run_batch(args)
+
+
 def cmd_convert(args) -> int:
     from .conversion import run_convert
 
@@ -201,6 +233,7 @@ def add_ask_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default: greedy)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
+    p.add_argument("--device-map", default=None, help="spread the model over GPUs: auto, or a JSON {module: device}")
     p.add_argument("--dtype", default=None, help="auto, bfloat16, float16 or float32")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="write the token allocation picture")
@@ -223,6 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--question", default=None)
     add_ask_options(demo)
     demo.set_defaults(func=cmd_demo)
+
+    from .batch import DESCRIPTION, add_batch_arguments
+
+    batch = sub.add_parser(
+        "batch",
+        help="answer a JSONL file of {id, video, question} items (resumable; accelerate launch for several GPUs)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_batch_arguments(batch)
+    batch.set_defaults(func=cmd_batch)
 
     convert = sub.add_parser("convert", help="convert the released Tempo-6B checkpoint to this format")
     try:
@@ -258,4 +302,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m transformers_tempo.cli` runs this file as __main__; use the package's copy of it so that
+    # modules importing from .cli (batch.py) raise the UsageError that main() catches.
+    from transformers_tempo.cli import main as package_main
+
+    sys.exit(package_main())

@@ -284,7 +284,7 @@ class TempoModel(TempoPreTrainedModel):
             inputs_embeds = inputs_embeds.masked_scatter(visual_pos_masks[..., None], visual_embeds)
             deepstack = [torch.cat(f, dim=0) for f in vision.deepstack_features]
             grid_kwargs = {"video_grid_thw": grid} if video else {"image_grid_thw": grid}
-        memory = self.memory_tokens.to(inputs_embeds.dtype)
+        memory = self.memory_tokens.to(inputs_embeds.device, inputs_embeds.dtype)
         inputs_embeds = inputs_embeds.masked_scatter(memory_mask[..., None], memory.expand(rows, -1, -1))
 
         mm_token_type_ids = torch.zeros_like(ids, dtype=torch.int)
@@ -306,7 +306,7 @@ class TempoModel(TempoPreTrainedModel):
             visual_pos_masks=visual_pos_masks,
             deepstack_visual_embeds=deepstack,
         )
-        hidden = out.last_hidden_state
+        hidden = out.last_hidden_state.to(ids.device)  # a device map may end the compressor on another device
         features = hidden[memory_mask].view(rows, num_memory, -1)
         before_memory = hidden[torch.arange(rows, device=hidden.device), lengths - 1]
         relevance = self.relevance_scores(before_memory)
@@ -316,7 +316,7 @@ class TempoModel(TempoPreTrainedModel):
         """sigmoid(r . h) in float32, one score per row of `hidden` (N, Dc)."""
         # float32 even under mixed-precision autocast (Trainer bf16/fp16), as released
         with torch.autocast(hidden.device.type, enabled=False):
-            weight = self.relevance_head.weight.float()
+            weight = self.relevance_head.weight.to(hidden.device, torch.float32)
             return torch.sigmoid(F.linear(hidden.float(), weight)).squeeze(-1)
 
     # ------------------------------------------------------------------ 2-4. allocation, projector, splice
@@ -398,6 +398,11 @@ class TempoModel(TempoPreTrainedModel):
 
         embeds_list, labels_list = [], []
         text_embeds = embed(input_ids)
+        # With a device map the decoder may sit on another device than the compressor: splice there.
+        device = text_embeds.device
+        input_ids, attention_mask, placeholder = input_ids.to(device), attention_mask.to(device), placeholder.to(device)
+        labels = labels.to(device) if labels is not None else None
+        timestamp_mask = timestamp_mask.to(device) if timestamp_mask is not None else None
         limit_visual = cfg.max_context_length - cfg.reserved_context_tokens
         kept_iter = iter(kept)
         for b in range(batch):
@@ -417,7 +422,7 @@ class TempoModel(TempoPreTrainedModel):
                     if lab_b is not None:
                         lab_pieces.append(lab_b[start:pos])
                 if pos < ids_b.shape[0]:
-                    feats = next(kept_iter).to(emb_b.dtype)
+                    feats = next(kept_iter).to(emb_b.device, emb_b.dtype)
                     pieces.append(feats)
                     visual_flags.append(torch.ones(feats.shape[0], dtype=torch.bool, device=device))
                     if lab_b is not None:

@@ -1,0 +1,147 @@
+"""Throughput of `tempo batch`: generated videos -> answers JSONL, videos per second.
+
+    python benchmarks/bench_batch.py --tiny --out /tmp/batch-tiny.json        # CPU, tiny model, seconds
+    python benchmarks/bench_batch.py --out batch-gpu.json                     # GPU: Tempo-6B architecture,
+                                                                              #   random bf16 weights
+    accelerate launch --num_processes 2 benchmarks/bench_batch.py --out batch-2gpu.json   # data parallel
+
+Generates --videos test videos (--seconds long, --width x --height, H.264) once into --video-dir,
+writes an items file, then runs the same code as `tempo batch` (transformers_tempo.batch.run):
+each process decodes its share of the videos and answers them --batch-size at a time. The
+answers file is started afresh each run. Prints and writes (--out) one JSON object: the run's
+summary (videos/s over the answering time, model load excluded), the time spent per stage summed
+over the videos, and the machine, commit and settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+
+from bench_e2e import build  # noqa: E402  (the same real-size random model and processor)
+from transformers_tempo.batch import BatchSettings, run  # noqa: E402
+from transformers_tempo.synthetic import write_test_video  # noqa: E402
+
+QUESTIONS = [
+    "What is the person in the red jacket doing right after the car stops?",
+    "What colour is the video?",
+    "What happens in the video?",
+    "Describe the scene.",
+]
+
+
+def make_videos(folder: Path, count: int, seconds: float, width: int, height: int, fps: int) -> list[Path]:
+    """The test videos, written once (a later run with the same settings reuses them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"video-{i:04d}.mp4"
+        if not path.exists():
+            tmp = folder / f"video-{i:04d}.tmp.mp4"
+            write_test_video(tmp, num_frames=max(1, round(seconds * fps)), fps=fps, width=width, height=height)
+            tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+def stage_seconds(lines: list[dict]) -> dict:
+    """Seconds per stage over all answered videos (model-call stages counted once per batch)."""
+    totals = {"decode": 0.0, "preprocess": 0.0, "compress": 0.0, "answer": 0.0}
+    for line in lines:
+        timings = line.get("timings", {})
+        totals["decode"] += timings.get("decode", 0.0)
+        for stage in ("preprocess", "compress", "answer"):
+            totals[stage] += timings.get(stage, 0.0) / line.get("batch_size", 1)
+    return totals
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny random model on the CPU (seconds)")
+    p.add_argument("--videos", type=int, default=50)
+    p.add_argument("--seconds", type=float, default=None, help="length of each video (default 30; 4 with --tiny)")
+    p.add_argument("--width", type=int, default=None, help="default 640 (128 with --tiny)")
+    p.add_argument("--height", type=int, default=None, help="default 360 (96 with --tiny)")
+    p.add_argument("--video-fps", type=int, default=24)
+    p.add_argument("--video-dir", default=None, help="where the videos are written (default: a folder in /tmp)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--budget", type=int, default=None, help="visual token budget (default: the model's)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--attn", default="sdpa")
+    p.add_argument("--out", required=True, help="JSON file for the results")
+    args = p.parse_args(argv)
+    seconds = args.seconds or (4.0 if args.tiny else 30.0)
+    width = args.width or (128 if args.tiny else 640)
+    height = args.height or (96 if args.tiny else 360)
+
+    from accelerate import PartialState
+
+    state = PartialState(cpu=args.tiny or not torch.cuda.is_available())
+    device = state.device
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    name = f"tempo-bench-batch-{args.videos}x{seconds:g}s-{width}x{height}-{args.video_fps}fps"
+    video_dir = Path(args.video_dir or Path(tempfile.gettempdir()) / name)
+    with state.main_process_first():  # the main process writes the videos, the others then find them
+        videos = make_videos(video_dir, args.videos, seconds, width, height, args.video_fps)
+    work = video_dir / "run"
+    items = [{"id": f"v{i:04d}", "video": str(v), "question": QUESTIONS[i % len(QUESTIONS)]} for i, v in enumerate(videos)]
+    output = work / "answers.jsonl"
+    if state.is_main_process:  # a fresh run, not a resumed one
+        work.mkdir(parents=True, exist_ok=True)
+        for old in [output, *work.glob("answers.jsonl.rank*.part")]:
+            old.unlink(missing_ok=True)
+    state.wait_for_everyone()
+
+    def load():
+        from transformers import pipeline
+
+        model, processor = build(args.tiny, device, dtype, args.attn)
+        return pipeline("video-question-answering", model=model, processor=processor, device=device)
+
+    settings = BatchSettings(
+        visual_token_budget=args.budget, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size
+    )
+    summary = run(items, output, load, settings, state)
+    if summary is None:
+        return None
+
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    answered = [line for line in lines if "error" not in line]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
+    results = {
+        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit.strip() or "unknown",
+        "model": "tiny random" if args.tiny else "Tempo-6B architecture, random bf16 weights",
+        "device": str(device),
+        "processes": state.num_processes,
+        "videos": args.videos,
+        "video": f"{seconds:g} s, {width}x{height}, {args.video_fps} fps, H.264",
+        "batch_size": args.batch_size,
+        "budget": args.budget,
+        "max_new_tokens": args.max_new_tokens,
+        "sampled_frames_per_video": answered[0]["sampled_frames"] if answered else 0,
+        "summary": summary,
+        "videos_per_s": summary["videos_per_s"],
+        "stage_seconds_all_processes": stage_seconds(answered),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,543 @@
+"""`tempo batch`: answer many {id, video, question} items into a JSONL file, resumably.
+
+One process, or data parallel under `accelerate launch` (one process per GPU). The steps:
+
+1. Every process reads and checks the input (bad lines stop the run before any work, exit 2).
+2. The main process folds what an earlier run left behind (the output and any `OUTPUT.rankN.part`
+   files) into the output, so ids answered before are skipped, whatever the number of processes.
+3. Each process takes every `num_processes`-th of the items still to do (a fixed, strided split),
+   decodes each video on its own, answers them `batch_size` at a time, and appends each finished
+   line (answer or error) to its own `OUTPUT.rankN.part`, flushed and fsynced: a kill loses at most
+   the line being written, and a torn last line is cut away when the file is read again.
+4. After all processes are done, the main process merges output + part files (one line per id, in
+   input order) into a temporary file, renames it onto the output and deletes the part files.
+
+An item that fails (missing or corrupt video, no video stream, bad per-item option, a ValueError
+from the model) becomes a line `{"id": ..., "error": "..."}` and the run goes on. Such errors are
+kept on resume, not retried, unless `--retry-errors` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cli import UsageError, ensure_demo_assets, load_pipeline, parse_device_map
+
+REQUIRED_KEYS = ("id", "video", "question")
+# Per-item keys that override the command line for that item, and the pipeline option each sets.
+ITEM_OPTIONS = {
+    "budget": "visual_token_budget",
+    "visual_token_budget": "visual_token_budget",
+    "max_new_tokens": "max_new_tokens",
+    "fps": "fps",
+    "max_frames": "max_frames",
+}
+# What an answer line keeps from the pipeline's result (segment_details is left out: it is long).
+RESULT_KEYS = (
+    "answer",
+    "duration",
+    "sampled_frames",
+    "real_fps",
+    "segments",
+    "visual_tokens",
+    "tokens_per_frame",
+    "warnings",
+)
+
+DESCRIPTION = """\
+Answer many questions about many videos. INPUT is a JSONL file, one item per line:
+  {"id": "q1", "video": "clips/a.mp4", "question": "Who scores?"}
+with optional per-item options "budget" (or "visual_token_budget"), "max_new_tokens", "fps",
+"max_frames". Relative video paths are relative to the input file's folder.
+
+OUTPUT gets one JSON line per item, in input order: id, question, video, answer, visual_tokens,
+sampled_frames, tokens_per_frame, duration, segments, timings, ... or, for an item that failed,
+{"id": ..., "error": "..."}. A run that is stopped can be started again with the same command:
+items already in OUTPUT (or in the OUTPUT.rankN.part files a killed run leaves) are skipped.
+Error lines are kept and not retried unless --retry-errors is given. The exit status is 0 when the
+run completes (failed items included: see the summary), 2 for a bad command line or input file.
+
+Data parallel over several GPUs: accelerate launch --num_processes 2 -m transformers_tempo.cli batch ...
+"""
+
+
+@dataclass
+class BatchSettings:
+    """Options of one run; per-item options override the first four."""
+
+    visual_token_budget: int | None = None
+    max_new_tokens: int = 64
+    fps: float | None = None
+    max_frames: int | None = None
+    min_new_tokens: int | None = None
+    temperature: float = 0.0
+    use_ata: bool = True
+    batch_size: int = 1
+    retry_errors: bool = False
+    base_dir: Path = Path(".")
+
+
+# ------------------------------------------------------------------------------------- input
+def read_items(path: str | os.PathLike) -> list[dict]:
+    """The items of a JSONL input file; any bad line is a UsageError naming its line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such input file")
+    items, problems, first_line = [], [], {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                problems.append(f"line {number}: not valid JSON ({err.msg})")
+                continue
+            problem = _item_problem(item)
+            if problem is None and item["id"] in first_line:
+                problem = f"duplicate id {item['id']!r} (first on line {first_line[item['id']]})"
+            if problem is not None:
+                problems.append(f"line {number}: {problem}")
+                continue
+            first_line[item["id"]] = number
+            items.append(item)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise UsageError(f"{path}: {shown}")
+    return items
+
+
+def _item_problem(item) -> str | None:
+    if not isinstance(item, dict):
+        return f"expected a JSON object with {', '.join(REQUIRED_KEYS)}, got {type(item).__name__}"
+    missing = [key for key in REQUIRED_KEYS if key not in item]
+    if missing:
+        return f"missing {', '.join(repr(k) for k in missing)}"
+    if isinstance(item["id"], bool) or not isinstance(item["id"], (str, int)):
+        return f"'id' must be a string or an integer, got {item['id']!r}"
+    if not isinstance(item["video"], str) or not item["video"]:
+        return f"'video' must be a non-empty path string, got {item['video']!r}"
+    if not isinstance(item["question"], str):
+        return f"'question' must be a string, got {item['question']!r}"
+    return None
+
+
+def item_options(item: dict, settings: BatchSettings) -> dict:
+    """The pipeline options of one item: the run's settings with the item's own keys on top."""
+    options = {
+        "visual_token_budget": settings.visual_token_budget,
+        "max_new_tokens": settings.max_new_tokens,
+        "fps": settings.fps,
+        "max_frames": settings.max_frames,
+    }
+    given = {}
+    for key, name in ITEM_OPTIONS.items():
+        if key not in item:
+            continue
+        value = item[key]
+        if name == "fps":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+            kind = "a positive number"
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            kind = "a positive integer"
+        if not ok:
+            raise ValueError(f"option {key!r} must be {kind}, got {value!r}")
+        if name in given and given[name] != value:
+            raise ValueError(f"options 'budget' and 'visual_token_budget' disagree ({given[name]} vs {value})")
+        given[name] = value
+    options.update(given)
+    return options
+
+
+# ------------------------------------------------------------------------------------- output files
+def part_path(output: Path, rank: int) -> Path:
+    return output.with_name(f"{output.name}.rank{rank}.part")
+
+
+def part_files(output: Path) -> list[Path]:
+    return sorted(output.parent.glob(f"{output.name}.rank*.part"))
+
+
+def read_records(path: Path) -> list[dict]:
+    """The complete lines of an output or part file.
+
+    A last line without its newline, or a last line that is not JSON, was torn by a kill: it is
+    ignored and cut off the file. Any other bad line is a UsageError (the file was edited by hand).
+    """
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    records, good_end, offset = [], 0, 0
+    lines = data.split(b"\n")
+    complete = lines[:-1]  # the piece after the last newline is empty, or torn
+    for number, line in enumerate(complete, start=1):
+        offset += len(line) + 1
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(complete):
+                    break  # a torn last line that happened to end in a newline
+                raise UsageError(f"{path} line {number}: not valid JSON; fix or remove that line") from None
+            if not isinstance(record, dict) or "id" not in record:
+                raise UsageError(f"{path} line {number}: not an answer line (no 'id'); fix or remove that line")
+            records.append(record)
+        good_end = offset
+    if good_end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return records
+
+
+def merge_records(records: list[dict]) -> dict:
+    """One record per id: the first answer wins; an error line is replaced by any later line."""
+    merged = {}
+    for record in records:
+        old = merged.get(record["id"])
+        if old is None or "error" in old:
+            merged[record["id"]] = record
+    return merged
+
+
+def collect_and_write(output: Path, items: list[dict]) -> dict:
+    """Merge output + part files into the output (input order, atomically); delete the part files.
+
+    Returns the merged records by id. Lines whose id is not in the input are kept, after the others.
+    """
+    parts = part_files(output)
+    merged = merge_records(read_records(output) + [r for part in parts for r in read_records(part)])
+    if not parts:
+        return merged
+    input_ids = [item["id"] for item in items]
+    known = set(input_ids)
+    order = [i for i in input_ids if i in merged] + [i for i in merged if i not in known]
+    tmp = output.with_name(output.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record_id in order:
+            f.write(json.dumps(merged[record_id], ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, output)
+    for part in parts:
+        part.unlink()
+    return merged
+
+
+def pending_items(items: list[dict], done: dict, retry_errors: bool) -> list[dict]:
+    return [item for item in items if item["id"] not in done or (retry_errors and "error" in done[item["id"]])]
+
+
+def shard(items: list, rank: int, world: int) -> list:
+    """This process's share: every `world`-th item from `rank` (long and short videos mix evenly)."""
+    return items[rank::world]
+
+
+class LineWriter:
+    """Appends one JSON line at a time to a part file, each flushed and fsynced."""
+
+    def __init__(self, path: Path):
+        read_records(path)  # cut a torn last line before appending after it
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+
+
+# ------------------------------------------------------------------------------------- answering
+def answer_items(vqa, items: list[dict], writer: LineWriter, settings: BatchSettings, progress: bool = False) -> dict:
+    """Answer `items` with the pipeline `vqa`, writing each line as soon as it is known.
+
+    Items with the same model options are answered `settings.batch_size` at a time. Each video is
+    decoded on its own first, so a bad video becomes an error line and the rest of its batch goes on.
+    Returns counts: {"answered": n, "failed": n}.
+    """
+    from tqdm.auto import tqdm
+
+    from .video_loading import load_video
+
+    counts = {"answered": 0, "failed": 0}
+    bar = tqdm(total=len(items), desc="answering", unit="video", disable=not progress)
+
+    def fail(item, message):
+        writer.write({"id": item["id"], "video": item["video"], "question": item["question"], "error": message})
+        counts["failed"] += 1
+        bar.update(1)
+
+    ready = []  # (item, options) of the items whose options are valid
+    for item in items:
+        try:
+            ready.append((item, item_options(item, settings)))
+        except ValueError as err:
+            fail(item, f"{item['video']}: {err}")
+
+    longer_edge = getattr(getattr(vqa.processor, "video_processor", None), "longest_edge", None)
+    for batch in _batches(ready, settings.batch_size):
+        loaded = []
+        for item, options in batch:
+            load_options = {k: options[k] for k in ("fps", "max_frames") if options[k] is not None}
+            t0 = time.perf_counter()
+            try:
+                video = load_video(
+                    settings.base_dir / item["video"], max_longer_edge=longer_edge, **load_options
+                )
+            except ValueError as err:  # VideoLoadError: the message names the file and the problem
+                fail(item, str(err))
+                continue
+            loaded.append((item, video, time.perf_counter() - t0))
+        if not loaded:
+            continue
+        call = _call_options(batch[0][1], settings)
+        try:
+            answered = list(zip(loaded, _ask(vqa, loaded, call)))
+        except ValueError as err:
+            if len(loaded) == 1:
+                fail(loaded[0][0], f"{loaded[0][0]['video']}: {err}")
+                continue
+            answered = []  # the model refused this batch: answer each video on its own to find the bad one
+            for one in loaded:
+                try:
+                    answered.append((one, _ask(vqa, [one], call)[0]))
+                except ValueError as err:
+                    fail(one[0], f"{one[0]['video']}: {err}")
+        for (item, _, decode_s), result in answered:
+            writer.write(answer_line(item, result, decode_s))
+            counts["answered"] += 1
+            bar.update(1)
+    bar.close()
+    return counts
+
+
+def _batches(ready: list, size: int):
+    """Runs of consecutive items with the same model options, at most `size` long."""
+    batch, key = [], None
+    for item, options in ready:
+        item_key = (options["visual_token_budget"], options["max_new_tokens"])
+        if batch and (len(batch) == size or item_key != key):
+            yield batch
+            batch = []
+        batch.append((item, options))
+        key = item_key
+    if batch:
+        yield batch
+
+
+def _call_options(options: dict, settings: BatchSettings) -> dict:
+    call = {"max_new_tokens": options["max_new_tokens"], "progress": False}
+    if options["visual_token_budget"] is not None:
+        call["visual_token_budget"] = options["visual_token_budget"]
+    if not settings.use_ata:
+        call["use_ata"] = False
+    if settings.min_new_tokens:
+        call["min_new_tokens"] = min(settings.min_new_tokens, options["max_new_tokens"])
+    if settings.temperature:
+        call.update(do_sample=True, temperature=settings.temperature)
+    return call
+
+
+def _ask(vqa, loaded: list, call: dict) -> list[dict]:
+    """One model call for the (item, video, decode seconds) in `loaded`; notes the call's size on each result."""
+    videos = [video for _, video, _ in loaded]
+    questions = [item["question"] for item, _, _ in loaded]
+    results = vqa(video=videos, question=questions, batch_size=len(loaded), **call)
+    for result in results:
+        result["batch_size"] = len(loaded)
+    return results
+
+
+def answer_line(item: dict, result: dict, decode_s: float) -> dict:
+    line = {"id": item["id"], "question": item["question"], "video": item["video"]}
+    line.update({key: result[key] for key in RESULT_KEYS if key in result})
+    # preprocess/compress/answer are for the whole model call (batch_size videos); decode is this video's
+    line["timings"] = {**result.get("timings", {}), "decode": decode_s}
+    line["batch_size"] = result["batch_size"]
+    return line
+
+
+# ------------------------------------------------------------------------------------- one run
+def run(
+    items: list[dict],
+    output: str | os.PathLike,
+    load,
+    settings: BatchSettings,
+    state=None,
+    progress: bool = False,
+) -> dict | None:
+    """Answer the items not yet in `output`; the core of `tempo batch` (and of the benchmark).
+
+    `load()` returns the video-question-answering pipeline; it is called only by a process that
+    has items to answer. `state` is accelerate's `PartialState` (or any object with
+    process_index, num_processes, is_main_process and wait_for_everyone); by default one is made.
+    Returns the summary on the main process, None on the others.
+    """
+    if state is None:
+        from accelerate import PartialState
+
+        state = PartialState()
+    started = time.perf_counter()
+    output = Path(output)
+    if state.is_main_process:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        collect_and_write(output, items)  # what a killed run left in part files
+    state.wait_for_everyone()
+    done = merge_records(read_records(output))  # clean now: the main process cut any torn line
+    pending = pending_items(items, done, settings.retry_errors)
+    mine = shard(pending, state.process_index, state.num_processes)
+
+    load_s = 0.0
+    if mine:
+        t0 = time.perf_counter()
+        vqa = load()
+        load_s = time.perf_counter() - t0
+    state.wait_for_everyone()
+    t_answer = time.perf_counter()
+    if mine:
+        writer = LineWriter(part_path(output, state.process_index))
+        try:
+            answer_items(vqa, mine, writer, settings, progress=progress and state.is_main_process)
+        finally:
+            writer.close()
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+
+    answer_s = time.perf_counter() - t_answer
+    new = merge_records([r for part in part_files(output) for r in read_records(part)])
+    merged = collect_and_write(output, items)
+    answers = [r for r in new.values() if "error" not in r]
+    per_frame = [r["tokens_per_frame"] for r in answers if "tokens_per_frame" in r]
+    return {
+        "items": len(items),
+        "answered": len(answers),
+        "failed": len(new) - len(answers),
+        "skipped": len(items) - len(pending),
+        "error_lines": sum(1 for item in items if "error" in merged.get(item["id"], {})),
+        "missing": sum(1 for item in items if item["id"] not in merged),
+        "processes": state.num_processes,
+        "batch_size": settings.batch_size,
+        "wall_s": time.perf_counter() - started,
+        "load_s": load_s,
+        "answer_s": answer_s,
+        "videos_per_s": len(answers) / answer_s if answers and answer_s > 0 else 0.0,
+        "mean_tokens_per_frame": sum(per_frame) / len(per_frame) if per_frame else None,
+        "output": str(output),
+    }
+
+
+# ------------------------------------------------------------------------------------- the command
+def add_batch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, help="JSONL file of {id, video, question} items")
+    p.add_argument("--output", required=True, help="JSONL file of answers (resumed if it exists)")
+    p.add_argument("--model", default=None, help="path or Hub id of converted Tempo weights (default: tiny demo model)")
+    p.add_argument("--batch-size", type=int, default=1, help="videos per model call (default 1)")
+    p.add_argument("--retry-errors", action="store_true", help="answer again the items whose line is an error")
+    p.add_argument("--budget", type=int, default=None, help="visual token budget (ATA), e.g. 4096 or 8192")
+    p.add_argument("--no-ata", action="store_true", help="keep all memory tokens of every segment")
+    p.add_argument("--fps", type=float, default=None, help="sampling rate (default 2.0)")
+    p.add_argument("--max-frames", type=int, default=None, help="most frames to sample (default 1024)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--min-new-tokens", type=int, default=None, help="generate at least this many tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default: greedy)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (one process; accelerate picks it otherwise)")
+    p.add_argument(
+        "--device-map",
+        default=None,
+        help='spread one model over several GPUs (one process): auto, or JSON such as \'{"model.compressor": 0, '
+        '"model.memory_tokens": 0, "model.relevance_head": 0, "model.projector": 1, "model.language_model": 1, '
+        '"lm_head": 1}\'',
+    )
+    p.add_argument("--dtype", default=None, help="auto, bfloat16, float16 or float32")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+
+def _check_numbers(args) -> None:
+    for name in ("batch_size", "budget", "max_frames", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.fps is not None and not args.fps > 0:
+        raise UsageError(f"--fps must be positive, got {args.fps}")
+
+
+def run_batch(args) -> int:
+    """`tempo batch`: check the command line, set up accelerate, run, print the summary."""
+    import torch
+    from accelerate import PartialState
+
+    _check_numbers(args)
+    items = read_items(args.input)
+    output = Path(args.output)
+    if output.resolve() == Path(args.input).resolve():
+        raise UsageError("--output must not be the input file")
+    device_map = parse_device_map(args.device_map)
+    if device_map is not None and args.device:
+        raise UsageError("give --device or --device-map, not both")
+    # Several CPU processes need accelerate's CPU mode (gloo); on a GPU machine each process takes its GPU.
+    cpu = (args.device or "").startswith("cpu") or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    if state.num_processes > 1 and (device_map is not None or (args.device and not cpu)):
+        raise UsageError(
+            "under accelerate launch each process uses its own device: leave out --device and --device-map"
+        )
+    model = args.model
+    if model is None:
+        with state.main_process_first():  # one process builds the demo model, the others wait for it
+            model = str(ensure_demo_assets(quiet=True)[0])
+        if state.is_main_process and not args.json:
+            print("no --model given: using the tiny random demo model (its answers are noise)", file=sys.stderr)
+    if args.temperature:
+        torch.manual_seed(args.seed + state.process_index)
+    if device_map is None:
+        # one device per process: accelerate's (cuda:N under accelerate launch), or --device
+        device = torch.device(args.device or state.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        device_map = {"": str(device)}
+
+    settings = BatchSettings(
+        visual_token_budget=args.budget,
+        max_new_tokens=args.max_new_tokens,
+        fps=args.fps,
+        max_frames=args.max_frames,
+        min_new_tokens=args.min_new_tokens,
+        temperature=args.temperature,
+        use_ata=not args.no_ata,
+        batch_size=args.batch_size,
+        retry_errors=args.retry_errors,
+        base_dir=Path(args.input).resolve().parent,
+    )
+    progress = sys.stderr.isatty() and not args.json
+    summary = run(
+        items, output, lambda: load_pipeline(model, None, args.dtype, device_map), settings, state, progress
+    )
+    if summary is not None:
+        summary["model"] = model
+        print(json.dumps(summary, indent=2) if args.json else summary_text(summary))
+    return 0
+
+
+def summary_text(s: dict) -> str:
+    tokens = "n/a" if s["mean_tokens_per_frame"] is None else f"{s['mean_tokens_per_frame']:.2f}"
+    lines = [
+        f"items: {s['items']}, answered: {s['answered']}, failed: {s['failed']}, skipped (already done): {s['skipped']}",
+        f"wall time: {s['wall_s']:.1f} s (model load {s['load_s']:.1f} s), answering {s['answer_s']:.1f} s: "
+        f"{s['videos_per_s']:.2f} videos/s over {s['processes']} process(es), batch size {s['batch_size']}",
+        f"visual tokens per frame: {tokens} (mean over the videos answered)",
+        f"output: {s['output']}",
+    ]
+    if s["error_lines"]:
+        lines.append(f"{s['error_lines']} item(s) have an error line; --retry-errors answers them again")
+    return "\n".join(lines)

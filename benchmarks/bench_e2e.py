@@ -176,7 +176,7 @@ def compressor_flops(model, inputs, compressor_batch_size=None) -> float:
     return total
 
 
-def compressor_seconds(model, processor, frames_count, args, device, repeats=2) -> float:
+def compressor_seconds(model, processor, frames_count, args, device, repeats=2, count_flops=False) -> float:
     """Best of `repeats` timed compressor passes (after one warm-up) on random 1280x720 frames."""
     h, w = (720, 1280) if not args.tiny else (96, 160)
     frames = torch.randint(0, 256, (frames_count, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
@@ -185,6 +185,8 @@ def compressor_seconds(model, processor, frames_count, args, device, repeats=2) 
                        device=device if gpu else None, pixel_dtype=model.dtype, pixel_device="cpu")
     pixels = inputs.pop("pixel_values_videos")
     inputs = inputs.to(device)
+    if count_flops:
+        return compressor_flops(model, {**inputs, "pixel_values_videos": pixels}, args.compressor_batch_size)
     best = float("inf")
     with torch.inference_mode():
         for i in range(repeats + 1):
@@ -274,6 +276,22 @@ def run_workload(model, processor, frames_count, args, device):
                 first, rate, total, old = timed_generate(model, prepared, device, args.new_tokens, via_tempo_forward=True, **extra)
                 row[f"tempo_forward_decode_{mode}_tokens_per_s"] = rate
                 row[f"tempo_forward_decode_{mode}_same_tokens"] = bool(torch.equal(old[:, -out.shape[1]:], out))
+        if args.compare_decode_attention and frames_count == args.frames_for_profile:
+            # the same static-cache decoding with transformers' sdpa for the decode step (repeat_kv)
+            import contextlib
+
+            from transformers_tempo import modeling_tempo
+
+            grouped = modeling_tempo.grouped_decode_attention
+            modeling_tempo.grouped_decode_attention = lambda config: contextlib.nullcontext()
+            try:
+                extra = {"cache_implementation": "static"}
+                timed_generate(model, prepared, device, args.new_tokens, **extra)
+                _, rate, _, plain = timed_generate(model, prepared, device, args.new_tokens, **extra)
+                row["decode_repeat_kv_tokens_per_s"] = rate
+                row["decode_repeat_kv_same_tokens"] = bool(torch.equal(plain, out))
+            finally:
+                modeling_tempo.grouped_decode_attention = grouped
         if args.profile_decode and frames_count == args.frames_for_profile:
             print(f"wrote {profile_decode(model, prepared, device, Path(args.out), args.new_tokens)}", flush=True)
 
@@ -291,7 +309,9 @@ def run_workload(model, processor, frames_count, args, device):
     row["end_to_end_s"] = row["preprocess_s"] + row["compress_ata_splice_s"] + row["generate_s"]
     row["peak_gib"] = max(row["preprocess_peak_gib"], row["compressor_peak_gib"], row["generate_peak_gib"])
     if args.flops:
-        flops = compressor_flops(model, keys, args.compressor_batch_size)
+        # counted by forward hooks, which do not fire inside compiled modules: count on the eager
+        # model (before compile_compressor) when the compressor is compiled
+        flops = args.eager_flops.get(frames_count) or compressor_flops(model, keys, args.compressor_batch_size)
         row["compressor_tflop"] = flops / 1e12
         row["compressor_tflops_per_s"] = flops / row["compressor_s"] / 1e12
     return row
@@ -408,6 +428,8 @@ def main(argv=None):
     p.add_argument("--flops", action="store_true", help="count compressor FLOPs (one extra pass)")
     p.add_argument("--compare-tempo-forward-decode", action="store_true",
                    help="also decode through Tempo's own forward (the path before the plain Qwen3 view)")
+    p.add_argument("--compare-decode-attention", action="store_true",
+                   help="at the --profile size, also decode with the stock sdpa step (repeat_kv)")
     p.add_argument("--profile-decode", action="store_true", help="profile static-cache decoding at the --profile size")
     p.add_argument("--compile-compressor", action="store_true", help="torch.compile the compressor layers first")
     p.add_argument("--compare-stock", action="store_true", help="also time the compressor with the stock code paths")
@@ -429,9 +451,12 @@ def main(argv=None):
         args.budget = 64
     model, processor = build(args.tiny, device, dtype, args.attn)
     eager_compressor = {}
+    args.eager_flops = {}
     if args.compile_compressor:  # the eager compressor first, in the same run, for the before/after
         for n in frames_list:
             eager_compressor[n] = compressor_seconds(model, processor, n, args, device)
+            if args.flops:
+                args.eager_flops[n] = compressor_seconds(model, processor, n, args, device, count_flops=True)
         model.model.compile_compressor()
         for n in frames_list:  # compile for every shape before timing (automatic dynamic shapes settle)
             compressor_seconds(model, processor, n, args, device, repeats=1)

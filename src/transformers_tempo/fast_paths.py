@@ -156,3 +156,42 @@ def mrope_position_ids(
         positions[1] = torch.where(visual, base + offset // run_w, positions[1])
         positions[2] = torch.where(visual, base + offset % run_w, positions[2])
     return positions
+
+
+# ------------------------------------------------------------------------------------------
+# decoding attention
+
+GROUPED_DECODE_SDPA = "tempo_grouped_decode_sdpa"
+
+
+def grouped_decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' sdpa attention, except for one query token under grouped-query attention.
+
+    Then the query heads that share a key/value head are laid out as that head's queries
+    ((B, kv_heads, n_rep, d)), so the cache is read once instead of being copied n_rep times by
+    `repeat_kv`. transformers does the same outside torch.compile only (`pack_gqa`); the compiled
+    static-cache decoding step copied the whole KV cache of every layer at every token.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if query.shape[2] != 1 or groups == 1 or (dropout and module.training):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    batch, heads, _, dim = query.shape
+    q = query.reshape(batch, heads // groups, groups, dim)
+    mask = attention_mask
+    if mask is not None:
+        mask = mask[:, :, -1:, : key.shape[-2]]  # (B, 1, 1, S): the one query row, shared by all heads
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
+
+
+def register_attention_functions() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(GROUPED_DECODE_SDPA, grouped_decode_sdpa)
+
+
+register_attention_functions()

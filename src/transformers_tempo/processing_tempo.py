@@ -549,7 +549,7 @@ class TempoProcessor(ProcessorMixin):
         ):
             chosen = [v for v in visuals if v is not None and v["kind"] == kind]
             if chosen:
-                data[pixel_key] = torch.cat([v["pixels"] for v in chosen], dim=0)
+                data[pixel_key] = _concat_rows([v["pixels"] for v in chosen])
                 data[grid_key] = torch.cat([v["grid"] for v in chosen], dim=0)
         for name in ATA_OPTIONS:
             if ata_options.get(name) is not None:
@@ -731,6 +731,19 @@ class TempoProcessor(ProcessorMixin):
 
 # ----------------------------------------------------------------------------------------
 # helpers
+
+
+def _concat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat along rows, without the copy for a single tensor and keeping pinned memory pinned
+    (a plain cat of hundreds of MB of patches costs as much as making them)."""
+    if len(tensors) == 1:
+        return tensors[0]
+    first = tensors[0]
+    pinned = first.device.type == "cpu" and all(t.is_pinned() for t in tensors)
+    out = torch.empty(
+        (sum(t.shape[0] for t in tensors), *first.shape[1:]), dtype=first.dtype, device=first.device, pin_memory=pinned
+    )
+    return torch.cat(tensors, dim=0, out=out)
 
 
 def _item_kind(item: Any) -> str:

@@ -432,6 +432,7 @@ def main(argv=None):
                    help="at the --profile size, also decode with the stock sdpa step (repeat_kv)")
     p.add_argument("--profile-decode", action="store_true", help="profile static-cache decoding at the --profile size")
     p.add_argument("--compile-compressor", action="store_true", help="torch.compile the compressor layers first")
+    p.add_argument("--compare-eager", action="store_true", help="with --compile-compressor: time the eager compressor first")
     p.add_argument("--compare-stock", action="store_true", help="also time the compressor with the stock code paths")
     p.add_argument("--profile", type=int, default=None, metavar="FRAMES",
                    help="write a torch.profiler table of one compressor pass at this many frames")
@@ -454,7 +455,8 @@ def main(argv=None):
     args.eager_flops = {}
     if args.compile_compressor:  # the eager compressor first, in the same run, for the before/after
         for n in frames_list:
-            eager_compressor[n] = compressor_seconds(model, processor, n, args, device)
+            if args.compare_eager:
+                eager_compressor[n] = compressor_seconds(model, processor, n, args, device)
             if args.flops:
                 args.eager_flops[n] = compressor_seconds(model, processor, n, args, device, count_flops=True)
         model.model.compile_compressor()

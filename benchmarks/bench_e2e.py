@@ -276,22 +276,6 @@ def run_workload(model, processor, frames_count, args, device):
                 first, rate, total, old = timed_generate(model, prepared, device, args.new_tokens, via_tempo_forward=True, **extra)
                 row[f"tempo_forward_decode_{mode}_tokens_per_s"] = rate
                 row[f"tempo_forward_decode_{mode}_same_tokens"] = bool(torch.equal(old[:, -out.shape[1]:], out))
-        if args.compare_decode_attention and frames_count == args.frames_for_profile:
-            # the same static-cache decoding with transformers' sdpa for the decode step (repeat_kv)
-            import contextlib
-
-            from transformers_tempo import modeling_tempo
-
-            grouped = modeling_tempo.grouped_decode_attention
-            modeling_tempo.grouped_decode_attention = lambda config: contextlib.nullcontext()
-            try:
-                extra = {"cache_implementation": "static"}
-                timed_generate(model, prepared, device, args.new_tokens, **extra)
-                _, rate, _, plain = timed_generate(model, prepared, device, args.new_tokens, **extra)
-                row["decode_repeat_kv_tokens_per_s"] = rate
-                row["decode_repeat_kv_same_tokens"] = bool(torch.equal(plain, out))
-            finally:
-                modeling_tempo.grouped_decode_attention = grouped
         if args.profile_decode and frames_count == args.frames_for_profile:
             print(f"wrote {profile_decode(model, prepared, device, Path(args.out), args.new_tokens)}", flush=True)
 
@@ -428,8 +412,6 @@ def main(argv=None):
     p.add_argument("--flops", action="store_true", help="count compressor FLOPs (one extra pass)")
     p.add_argument("--compare-tempo-forward-decode", action="store_true",
                    help="also decode through Tempo's own forward (the path before the plain Qwen3 view)")
-    p.add_argument("--compare-decode-attention", action="store_true",
-                   help="at the --profile size, also decode with the stock sdpa step (repeat_kv)")
     p.add_argument("--profile-decode", action="store_true", help="profile static-cache decoding at the --profile size")
     p.add_argument("--compile-compressor", action="store_true", help="torch.compile the compressor layers first")
     p.add_argument("--compare-eager", action="store_true", help="with --compile-compressor: time the eager compressor first")

@@ -199,33 +199,3 @@ def test_inductor_compiled_compressor_on_gpu_equals_eager(tiny_model, hand_input
     torch.testing.assert_close(got.features, expected.features, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(got.relevance_scores, expected.relevance_scores, rtol=1e-3, atol=1e-5)
 
-
-def test_grouped_decode_attention_equals_repeat_kv_sdpa():
-    from types import SimpleNamespace
-
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from transformers_tempo.fast_paths import grouped_decode_sdpa
-
-    torch.manual_seed(3)
-    module = SimpleNamespace(num_key_value_groups=4, is_causal=True, training=False)
-    query = torch.randn(2, 8, 1, 16)
-    key, value = torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 16)
-    mask = torch.ones(2, 1, 1, 11, dtype=torch.bool)
-    mask[0, ..., :3] = False  # left padding of the first sample
-    got, _ = grouped_decode_sdpa(module, query, key, value, mask, scaling=0.25)
-    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)  # transformers, eager
-    # an independent computation: repeat the key/value heads and attend per head
-    k, v = key.repeat_interleave(4, dim=1), value.repeat_interleave(4, dim=1)
-    weights = (query @ k.transpose(-1, -2) * 0.25).masked_fill(~mask, float("-inf")).softmax(-1)
-    reference = (weights @ v).transpose(1, 2)
-    assert got.shape == (2, 1, 8, 16)
-    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-
-
-def test_generate_restores_the_attention_setting(tiny_model, hand_inputs):
-    before = tiny_model.config.text_config._attn_implementation
-    with torch.no_grad():
-        tiny_model.generate(**hand_inputs([1]).model_inputs(), max_new_tokens=2)
-    assert tiny_model.config.text_config._attn_implementation == before == "sdpa"

@@ -10,7 +10,6 @@ The file reads in the order data flows:
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +22,6 @@ from transformers.utils import logging
 
 from .configuration_tempo import TempoConfig
 from .fast_paths import (
-    GROUPED_DECODE_SDPA,
     equal_group_length,
     mrope_position_ids,
     set_fast_paths,
@@ -562,19 +560,6 @@ class TempoModel(TempoPreTrainedModel):
         )
 
 
-@contextmanager
-def grouped_decode_attention(text_config):
-    """While generating, the decoder's sdpa attention reads the KV cache once per key/value head for
-    single-token steps (`fast_paths.grouped_decode_sdpa`); everything else is sdpa as configured."""
-    previous = text_config._attn_implementation
-    if previous == "sdpa":
-        text_config._attn_implementation = GROUPED_DECODE_SDPA
-    try:
-        yield
-    finally:
-        text_config._attn_implementation = previous
-
-
 def resolve_ata_options(model, visual_token_budget, min_tokens_per_segment, use_ata, token_selection) -> dict:
     """Per-call ATA options, falling back to the generation config, then the model config.
 
@@ -797,10 +782,9 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
                 compressor_batch_size=compressor_batch_size,
             )
         kwargs.setdefault("generation_config", self.generation_config)
-        with grouped_decode_attention(self.config.text_config):
-            output = self.plain_decoder().generate(
-                inputs_embeds=decoder_inputs.inputs_embeds, attention_mask=decoder_inputs.attention_mask, **kwargs
-            )
+        output = self.plain_decoder().generate(
+            inputs_embeds=decoder_inputs.inputs_embeds, attention_mask=decoder_inputs.attention_mask, **kwargs
+        )
         if isinstance(output, ModelOutput):
             output["relevance_scores"] = decoder_inputs.relevance_scores
             output["token_allocation"] = decoder_inputs.token_allocation

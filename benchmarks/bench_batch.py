@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_e2e import build  # noqa: E402  (the same real-size random model and processor)
 from transformers_tempo.batch import BatchSettings, run  # noqa: E402
-from transformers_tempo.synthetic import write_test_video  # noqa: E402
+from transformers_tempo.synthetic import write_long_video  # noqa: E402
 
 QUESTIONS = [
     "What is the person in the red jacket doing right after the car stops?",
@@ -50,7 +50,9 @@ def make_videos(folder: Path, count: int, seconds: float, width: int, height: in
         path = folder / f"video-{i:04d}.mp4"
         if not path.exists():
             tmp = folder / f"video-{i:04d}.tmp.mp4"
-            write_test_video(tmp, num_frames=max(1, round(seconds * fps)), fps=fps, width=width, height=height)
+            # A 2-second clip encoded once per video and repeated by remuxing: encoding every frame
+            # of 50 half-minute videos in Python took longer than a device call allows.
+            write_long_video(tmp, duration=seconds, clip_seconds=min(2.0, seconds), fps=fps, width=width, height=height)
             tmp.replace(path)
         paths.append(path)
     return paths

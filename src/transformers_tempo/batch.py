@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import UsageError, ensure_demo_assets, load_pipeline, parse_device_map
+from .cli import UsageError, add_answer_options, ensure_demo_assets, load_pipeline, parse_device_map
 
 REQUIRED_KEYS = ("id", "video", "question")
 # Per-item keys that override the command line for that item, and the pipeline option each sets.
@@ -443,14 +443,7 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="path or Hub id of converted Tempo weights (default: tiny demo model)")
     p.add_argument("--batch-size", type=int, default=1, help="videos per model call (default 1)")
     p.add_argument("--retry-errors", action="store_true", help="answer again the items whose line is an error")
-    p.add_argument("--budget", type=int, default=None, help="visual token budget (ATA), e.g. 4096 or 8192")
-    p.add_argument("--no-ata", action="store_true", help="keep all memory tokens of every segment")
-    p.add_argument("--fps", type=float, default=None, help="sampling rate (default 2.0)")
-    p.add_argument("--max-frames", type=int, default=None, help="most frames to sample (default 1024)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--min-new-tokens", type=int, default=None, help="generate at least this many tokens")
-    p.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default: greedy)")
-    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    add_answer_options(p)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (one process; accelerate picks it otherwise)")
     p.add_argument(
         "--device-map",

@@ -223,7 +223,8 @@ def cmd_convert(args) -> int:
     return run_convert(args) or 0
 
 
-def add_ask_options(p: argparse.ArgumentParser) -> None:
+def add_answer_options(p: argparse.ArgumentParser) -> None:
+    """Sampling, ATA and generation options shared by `ask`, `demo` and `batch`."""
     p.add_argument("--budget", type=int, default=None, help="visual token budget (ATA), e.g. 4096 or 8192")
     p.add_argument("--no-ata", action="store_true", help="keep all memory tokens of every segment")
     p.add_argument("--fps", type=float, default=None, help="sampling rate (default 2.0)")
@@ -232,6 +233,10 @@ def add_ask_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-new-tokens", type=int, default=None, help="generate at least this many tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default: greedy)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+
+
+def add_ask_options(p: argparse.ArgumentParser) -> None:
+    add_answer_options(p)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
     p.add_argument("--device-map", default=None, help="spread the model over GPUs: auto, or a JSON {module: device}")
     p.add_argument("--dtype", default=None, help="auto, bfloat16, float16 or float32")

@@ -504,3 +504,38 @@ def test_device_maps_over_two_gpus_give_the_single_gpu_outputs(model_dir, model_
     one = pipeline("video-question-answering", model=str(model_dir), device=0)(**item)
     two = pipeline("video-question-answering", model=str(model_dir), device_map=SPLIT_MAP)(**item)
     assert (two["answer"], two["visual_tokens"]) == (one["answer"], one["visual_tokens"])
+
+
+def test_next_batch_is_decoded_while_the_model_answers(video_dir, tmp_path, monkeypatch):
+    """Decoding (CPU) of batch i+1 overlaps the model call (GPU) of batch i, and order is kept."""
+    import types
+
+    from transformers_tempo import video_loading
+
+    events = []
+    real_load = video_loading.load_video
+
+    def load(path, **kwargs):
+        events.append(("decode", os.path.basename(path)))
+        return real_load(path, **kwargs)
+
+    class SlowModel:
+        device = "cpu"
+        processor = types.SimpleNamespace(video_processor=types.SimpleNamespace(longest_edge=512))
+
+        def __call__(self, video, question, batch_size, **call):
+            events.append(("answer-start", len(video)))
+            time.sleep(0.3)  # long enough for the next batch's decode to begin meanwhile
+            events.append(("answer-end", len(video)))
+            return [{"answer": q.upper(), "timings": {}} for q in question]
+
+    monkeypatch.setattr(video_loading, "load_video", load)
+    items = [{"id": str(i), "video": v, "question": f"q{i}"} for i, v in enumerate(VIDEOS)]
+    out = tmp_path / "answers.jsonl"
+    writer = LineWriter(out)
+    counts = answer_items(SlowModel(), items, writer, BatchSettings(base_dir=video_dir, batch_size=1))
+    writer.close()
+    assert counts == {"answered": 3, "failed": 0}
+    assert [r["answer"] for r in read_records(out)] == ["Q0", "Q1", "Q2"]
+    first_answer_end = events.index(("answer-end", 1))
+    assert events.index(("decode", "long.mp4")) < first_answer_end  # batch 2 decoded during batch 1's call

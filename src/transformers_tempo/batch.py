@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -284,38 +285,56 @@ def answer_items(vqa, items: list[dict], writer: LineWriter, settings: BatchSett
             fail(item, f"{item['video']}: {err}")
 
     longer_edge = getattr(getattr(vqa.processor, "video_processor", None), "longest_edge", None)
-    for batch in _batches(ready, settings.batch_size):
-        loaded = []
+    pin = str(getattr(vqa, "device", "cpu")).startswith("cuda")  # page-locked frames upload fast
+
+    def decode(batch):
+        """Decode a batch's videos one by one: ([(item, video, seconds)], [(item, error message)])."""
+        loaded, failed = [], []
         for item, options in batch:
             load_options = {k: options[k] for k in ("fps", "max_frames") if options[k] is not None}
             t0 = time.perf_counter()
             try:
                 video = load_video(
-                    settings.base_dir / item["video"], max_longer_edge=longer_edge, **load_options
+                    settings.base_dir / item["video"], max_longer_edge=longer_edge, pin_memory=pin, **load_options
                 )
             except ValueError as err:  # VideoLoadError: the message names the file and the problem
-                fail(item, str(err))
+                failed.append((item, str(err)))
                 continue
             loaded.append((item, video, time.perf_counter() - t0))
-        if not loaded:
-            continue
-        call = _call_options(batch[0][1], settings)
-        try:
-            answered = list(zip(loaded, _ask(vqa, loaded, call)))
-        except ValueError as err:
-            if len(loaded) == 1:
-                fail(loaded[0][0], f"{loaded[0][0]['video']}: {err}")
+        return loaded, failed
+
+    batches = list(_batches(ready, settings.batch_size))
+    # The next batch's videos are decoded (CPU, PyAV releases the GIL) while the model answers the
+    # current batch (GPU); at most two batches of frames are held.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tempo-decode")
+    try:
+        upcoming = pool.submit(decode, batches[0]) if batches else None
+        for index, batch in enumerate(batches):
+            loaded, failed = upcoming.result()
+            upcoming = pool.submit(decode, batches[index + 1]) if index + 1 < len(batches) else None
+            for item, message in failed:
+                fail(item, message)
+            if not loaded:
                 continue
-            answered = []  # the model refused this batch: answer each video on its own to find the bad one
-            for one in loaded:
-                try:
-                    answered.append((one, _ask(vqa, [one], call)[0]))
-                except ValueError as err:
-                    fail(one[0], f"{one[0]['video']}: {err}")
-        for (item, _, decode_s), result in answered:
-            writer.write(answer_line(item, result, decode_s))
-            counts["answered"] += 1
-            bar.update(1)
+            call = _call_options(batch[0][1], settings)
+            try:
+                answered = list(zip(loaded, _ask(vqa, loaded, call)))
+            except ValueError as err:
+                if len(loaded) == 1:
+                    fail(loaded[0][0], f"{loaded[0][0]['video']}: {err}")
+                    continue
+                answered = []  # the model refused this batch: answer each video on its own to find the bad one
+                for one in loaded:
+                    try:
+                        answered.append((one, _ask(vqa, [one], call)[0]))
+                    except ValueError as err:
+                        fail(one[0], f"{one[0]['video']}: {err}")
+            for (item, _, decode_s), result in answered:
+                writer.write(answer_line(item, result, decode_s))
+                counts["answered"] += 1
+                bar.update(1)
+    finally:
+        pool.shutdown(cancel_futures=True)
     bar.close()
     return counts
 

@@ -145,3 +145,14 @@ def test_tempo_ask_missing_and_corrupt_files_exit_2(cache, model_dir, tmp_path):
 def test_tempo_bad_arguments_exit_2(cache, model_dir, videos):
     result = tempo("ask", str(videos[0]), "q", "--model", str(model_dir), "--budget", "0", cache=cache)
     assert result.returncode == 2 and "--budget" in result.stderr
+
+
+def test_compile_flag_compiles_the_compressor(tmp_path, monkeypatch, capsys):
+    from transformers_tempo import cli, modeling_tempo
+
+    calls = []
+    monkeypatch.setattr(modeling_tempo.TempoModel, "compile_compressor", lambda self, **kw: calls.append(self))
+    monkeypatch.setenv("TEMPO_CACHE", str(tmp_path))
+    assert cli.main(["demo", "--json", "--compile", "--max-new-tokens", "2"]) == 0
+    assert len(calls) == 1 and isinstance(calls[0], modeling_tempo.TempoModel)
+    assert json.loads(capsys.readouterr().out)["sampled_frames"] == 24

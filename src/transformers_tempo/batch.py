@@ -533,7 +533,7 @@ def run_batch(args) -> int:
     )
     progress = sys.stderr.isatty() and not args.json
     summary = run(
-        items, output, lambda: load_pipeline(model, None, args.dtype, device_map), settings, state, progress
+        items, output, lambda: load_pipeline(model, None, args.dtype, device_map, compile_compressor=args.compile), settings, state, progress
     )
     if summary is not None:
         summary["model"] = model

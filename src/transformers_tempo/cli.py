@@ -75,7 +75,7 @@ def parse_device_map(text: str | None):
     return device_map
 
 
-def load_pipeline(model: str, device: str | None, dtype: str | None, device_map=None):
+def load_pipeline(model: str, device: str | None, dtype: str | None, device_map=None, compile_compressor=False):
     import torch
     from transformers import pipeline
 
@@ -93,9 +93,12 @@ def load_pipeline(model: str, device: str | None, dtype: str | None, device_map=
     if device:
         kwargs["device"] = device
     try:
-        return pipeline("video-question-answering", model=model, **kwargs)
+        vqa = pipeline("video-question-answering", model=model, **kwargs)
     except OSError as err:
         raise UsageError(f"--model {model}: cannot load a Tempo model from there ({str(err).splitlines()[0]})") from err
+    if compile_compressor:
+        vqa.model.model.compile_compressor()
+    return vqa
 
 
 def cmd_ask(args) -> int:
@@ -126,7 +129,7 @@ def cmd_ask(args) -> int:
     except VideoLoadError as err:
         raise UsageError(str(err)) from err
     decode_s = time.perf_counter() - t0
-    vqa = load_pipeline(model, args.device, args.dtype, device_map)
+    vqa = load_pipeline(model, args.device, args.dtype, device_map, compile_compressor=args.compile)
     call = {"max_new_tokens": args.max_new_tokens, "progress": show_progress}
     if args.min_new_tokens:
         call["min_new_tokens"] = min(args.min_new_tokens, args.max_new_tokens)
@@ -233,6 +236,11 @@ def add_answer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-new-tokens", type=int, default=None, help="generate at least this many tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default: greedy)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the compressor (GPU: ~1.6x faster compression once the first shapes are compiled)",
+    )
 
 
 def add_ask_options(p: argparse.ArgumentParser) -> None:

@@ -38,17 +38,8 @@ from safetensors.torch import save_file  # noqa: E402
 
 from transformers_tempo import TempoConfig, TempoForConditionalGeneration  # noqa: E402
 from transformers_tempo.configuration_tempo import QWEN3_VL_2B_INSTRUCT  # noqa: E402
+from transformers_tempo.conversion import KEY_RULES  # noqa: E402
 from transformers_tempo.testing_utils import build_tiny_tokenizer  # noqa: E402
-
-# converted prefix -> released prefix (the inverse of conversion.KEY_RULES)
-TO_RELEASED = (
-    ("model.compressor.visual.", "model.vision_tower_aux_list.0.vlm.model.visual."),
-    ("model.compressor.language_model.", "model.vision_tower_aux_list.0.vlm.model.language_model."),
-    ("model.projector.linear_1.", "model.mm_projector.0."),
-    ("model.projector.linear_2.", "model.mm_projector.2."),
-    ("model.language_model.", "model."),
-)
-
 
 def released_layout(config: TempoConfig) -> list[tuple[str, tuple[int, ...]]]:
     with torch.device("meta"):
@@ -57,12 +48,11 @@ def released_layout(config: TempoConfig) -> list[tuple[str, tuple[int, ...]]]:
     for key, tensor in model.state_dict().items():
         if key in ("lm_head.weight", "model.relevance_head.weight"):
             continue
-        if key == "model.memory_tokens":
-            out.append(("model.vision_tower_aux_list.0.compression_tokens", (1, *tensor.shape)))
-            continue
-        for ours, theirs in TO_RELEASED:
+        shape = (1, *tensor.shape) if key == "model.memory_tokens" else tuple(tensor.shape)
+        # the converter's rules read backwards (first match: the mlp2x projector's released names)
+        for theirs, ours in KEY_RULES:
             if key.startswith(ours):
-                out.append((theirs + key[len(ours) :], tuple(tensor.shape)))
+                out.append((theirs + key[len(ours) :], shape))
                 break
         else:
             raise AssertionError(key)

@@ -808,7 +808,7 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
             lm.eval()
             self.__dict__["_plain_decoder"] = lm
         lm.generation_config = self.generation_config
-        lm.train(self.training)
+        lm.training = self.training  # the shared submodules keep their own modes
         return lm
 
     def apply_released_rotary_rounding(self):

@@ -273,11 +273,12 @@ class TempoModel(TempoPreTrainedModel):
         if pixels is not None:
             token_id = cfg.video_token_id if video else cfg.image_token_id
             vision_kwargs = {}
-            if self.fast_paths:
-                vision_kwargs["cu_seqlens"] = vision_cu_seqlens_cpu(grid)
-                group = equal_group_length(vision_kwargs["cu_seqlens"])
+            if self.fast_paths and cfg.vision_config._attn_implementation == "sdpa":
+                # equal frame groups (the usual video): one batched attention call per layer
+                cu_seqlens = vision_cu_seqlens_cpu(grid)
+                group = equal_group_length(cu_seqlens)
                 if group is not None:
-                    vision_kwargs["vision_group_size"] = group
+                    vision_kwargs = {"cu_seqlens": cu_seqlens, "vision_group_size": group}
             vision = self.compressor.get_image_features(pixels, grid, return_dict=True, **vision_kwargs)
             visual_embeds = torch.cat(vision.pooler_output, dim=0).to(inputs_embeds.dtype)
             visual_pos_masks = ids == token_id

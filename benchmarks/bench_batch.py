@@ -83,6 +83,7 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--out", required=True, help="JSON file for the results")
+    p.add_argument("--commit", default=None, help="commit to report (when the checkout has no usable git HEAD)")
     args = p.parse_args(argv)
     seconds = args.seconds or (4.0 if args.tiny else 30.0)
     width = args.width or (128 if args.tiny else 640)
@@ -121,7 +122,9 @@ def main(argv=None):
 
     lines = [json.loads(line) for line in output.read_text().splitlines()]
     answered = [line for line in lines if "error" not in line]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
+    commit = args.commit or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
+    ).stdout
     results = {
         "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -157,3 +157,60 @@ def mrope_position_ids(
         positions[2] = torch.where(visual, base + offset % run_w, positions[2])
     return positions
 
+
+
+# ------------------------------------------------------------------------------------------
+# decoding attention
+
+DECODE_ATTENTION = "tempo_decode_sdpa"
+# How a single-token step is computed; the benchmark (bench_decode_attention.py) compares them.
+#   "matmul": grouped bf16 matmuls (scores rounded to the model dtype, as transformers' eager path)
+#   "reduce": float32 products summed by the compiler (scores kept in float32, as sdpa kernels do)
+DECODE_FORMULATION = "reduce"
+
+
+def decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' sdpa attention, except for a single query token under torch.compile.
+
+    Why: with a static cache transformers' sdpa path copies every layer's whole KV cache n_rep times
+    (`repeat_kv`) at every decoding step and hands cuDNN 32 heads x 1 query, so at 8k cached tokens
+    the attention reads 4x the cache and runs on a quarter of the GPU. Laid out per key/value head,
+    one token's attention is two skinny matmuls over the cache; the compiler splits them over the
+    cache length. Every other call (prefill, training, eager decoding, where transformers already
+    uses `enable_gqa` without a mask) goes to transformers' own sdpa function.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1 or (dropout and module.training) or not torch.compiler.is_compiling():
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    scale = dim**-0.5 if scaling is None else scaling
+    q = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # heads h = kv * n_rep + r, as repeat_kv
+    if DECODE_FORMULATION == "matmul":
+        scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale
+    else:
+        scores = (q.float().unsqueeze(-2) * key.float().unsqueeze(2)).sum(-1) * scale
+    if attention_mask is not None:  # (B, 1, 1, S): one row, shared by every head
+        mask = attention_mask[:, :, :, : key.shape[-2]]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = scores.softmax(-1)
+    if DECODE_FORMULATION == "matmul":
+        out = torch.matmul(probs.to(value.dtype), value)
+    else:
+        out = (probs.unsqueeze(-1) * value.float().unsqueeze(2)).sum(-2)
+    return out.to(query.dtype).reshape(batch, heads, 1, dim).transpose(1, 2), None
+
+
+def register_attention_functions() -> None:
+    """Make `DECODE_ATTENTION` a valid `attn_implementation` (with sdpa's masks)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+
+
+register_attention_functions()

@@ -1,0 +1,199 @@
+"""One decoding step's attention at Tempo-6B's decoder size, kernel by kernel, and whole decoding.
+
+    python benchmarks/bench_decode_attention.py --out $OUT/attn.json             # GPU
+    python benchmarks/bench_decode_attention.py --decoder sdpa tempo_decode      # + generate() tok/s
+    python benchmarks/bench_decode_attention.py --tiny                           # CPU, seconds
+
+Part 1 times the attention of one query token over a static KV cache (Qwen3-4B: 32 query heads,
+8 key/value heads, head dim 128; default 8.3k slots, as at 1024 frames and budget 8192) for
+several formulations, each under torch.compile, against an float32 reference:
+  - stock:    what transformers' sdpa path does with a mask (repeat_kv copies, then sdpa)
+  - gqa_sdpa: sdpa with enable_gqa=True and the mask
+  - grouped_sdpa: the query heads of one key/value head as that head's queries (tried in session 2)
+  - tempo_decode: `fast_paths.decode_attention` (the package's decoding attention)
+Part 2 (--decoder) runs the real decoder (random bf16 weights) through `generate` with a static
+cache for each named attention implementation and reports tokens/s after the first token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from transformers_tempo import TempoConfig  # noqa: E402
+from transformers_tempo import fast_paths  # noqa: E402
+from transformers_tempo.fast_paths import DECODE_ATTENTION, decode_attention  # noqa: E402
+
+
+def stock(q, k, v, mask, scale):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = SimpleNamespace(num_key_value_groups=q.shape[1] // k.shape[1], is_causal=True, training=False)
+    return sdpa_attention_forward(module, q, k, v, mask, scaling=scale)[0]
+
+
+def gqa_sdpa(q, k, v, mask, scale):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True).transpose(1, 2)
+
+
+def grouped_sdpa(q, k, v, mask, scale):
+    b, h, _, d = q.shape
+    out = F.scaled_dot_product_attention(q.reshape(b, k.shape[1], h // k.shape[1], d), k, v, attn_mask=mask, scale=scale)
+    return out.reshape(b, h, 1, d).transpose(1, 2)
+
+
+def tempo_decode(q, k, v, mask, scale):
+    module = SimpleNamespace(num_key_value_groups=q.shape[1] // k.shape[1], is_causal=True, training=False)
+    return decode_attention(module, q, k, v, mask, scaling=scale)[0]
+
+
+VARIANTS = {
+    "stock": stock,
+    "gqa_sdpa": gqa_sdpa,
+    "grouped_sdpa": grouped_sdpa,
+    "tempo_decode:matmul": tempo_decode,
+    "tempo_decode:reduce": tempo_decode,
+}
+
+
+def use_formulation(name: str) -> None:
+    """`name:formulation` picks `fast_paths.DECODE_FORMULATION` for the package's decoding attention."""
+    if ":" in name:
+        fast_paths.DECODE_FORMULATION = name.split(":", 1)[1]
+
+
+def reference(q, k, v, mask, scale):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.float().repeat_interleave(groups, 1), v.float().repeat_interleave(groups, 1)
+    scores = (q.float() @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+def time_calls(fn, args, device, layers: int, repeats: int) -> float:
+    """Microseconds per call, averaged over `repeats` x `layers` back-to-back calls."""
+    for _ in range(3):
+        fn(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        for _ in range(layers):
+            fn(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / (repeats * layers) * 1e6
+
+
+def kernels(args, device, dtype) -> list[dict]:
+    text = TempoConfig.tempo_6b().text_config
+    heads, kv_heads, dim = text.num_attention_heads, text.num_key_value_heads, text.head_dim
+    slots, valid = args.slots, args.slots - 40  # the last steps' slots are still empty
+    torch.manual_seed(0)
+    q = torch.randn(1, heads, 1, dim, device=device, dtype=dtype)
+    k = torch.randn(1, kv_heads, slots, dim, device=device, dtype=dtype)
+    v = torch.randn(1, kv_heads, slots, dim, device=device, dtype=dtype)
+    mask = (torch.arange(slots, device=device) < valid).view(1, 1, 1, slots)
+    scale = dim**-0.5
+    ref = reference(q, k, v, mask, scale)
+    rows = []
+    for name in args.variants:
+        fn = VARIANTS[name]
+        use_formulation(name)
+        compiled = torch.compile(fn, dynamic=False) if not args.no_compile else fn
+        try:
+            out = compiled(q, k, v, mask, scale)
+            err = (out.float() - ref).abs().max().item()
+            us = time_calls(compiled, (q, k, v, mask, scale), device, text.num_hidden_layers, args.repeats)
+            row = {"variant": name, "us_per_call": round(us, 1), "max_abs_err_vs_fp32": err}
+        except Exception as exc:  # a formulation this torch cannot run is reported, not fatal
+            row = {"variant": name, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def decoder_rates(args, device, dtype) -> list[dict]:
+    from transformers import LogitsProcessor, LogitsProcessorList, Qwen3ForCausalLM
+
+    class Clock(LogitsProcessor):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+            return scores
+
+    text = TempoConfig.tempo_6b().text_config
+    if args.tiny:
+        text.num_hidden_layers, text.hidden_size, text.intermediate_size = 2, 64, 128
+        text.num_attention_heads, text.num_key_value_heads, text.head_dim = 4, 2, 16
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3ForCausalLM._from_config(text, dtype=dtype, attn_implementation="sdpa").eval()
+    embeds = torch.randn(1, args.slots - args.new_tokens, text.hidden_size, device=device, dtype=dtype) * 0.02
+    rows, first_tokens = [], None
+    for name in args.decoder:
+        use_formulation(name)
+        impl = name.split(":", 1)[0]
+        torch._dynamo.reset()  # a fresh compiled decoding step for each implementation
+        model.config._attn_implementation = impl
+        gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+        gen["cache_implementation"] = "static"
+        t0 = time.perf_counter()
+        model.generate(inputs_embeds=embeds, **gen)  # warm-up: compiles the decoding step
+        warm = time.perf_counter() - t0
+        clock = Clock()
+        out = model.generate(inputs_embeds=embeds, logits_processor=LogitsProcessorList([clock]), **gen)
+        rate = (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
+        same = None if first_tokens is None else bool(torch.equal(out, first_tokens))
+        first_tokens = out if first_tokens is None else first_tokens
+        row = {"decoder_attention": name, "tokens_per_s": round(rate, 1), "warmup_s": round(warm, 1),
+               "same_tokens_as_first": same}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="CPU, small sizes, no compile")
+    p.add_argument("--slots", type=int, default=8320, help="static cache length")
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    p.add_argument("--decoder", nargs="*", default=[], help=f"attention implementations, e.g. sdpa {DECODE_ATTENTION}:reduce")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if args.tiny:
+        args.slots, args.repeats, args.no_compile = min(args.slots, 300), 2, True
+    result = {
+        "machine": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "slots": args.slots,
+        "kernels": kernels(args, device, dtype),
+    }
+    if args.decoder:
+        result["decoder"] = decoder_rates(args, device, dtype)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,18 +1,20 @@
 """One decoding step's attention at Tempo-6B's decoder size, kernel by kernel, and whole decoding.
 
     python benchmarks/bench_decode_attention.py --out $OUT/attn.json             # GPU
-    python benchmarks/bench_decode_attention.py --decoder sdpa tempo_decode      # + generate() tok/s
+    python benchmarks/bench_decode_attention.py --decoder sdpa tempo_decode_sdpa # + generate() tok/s
     python benchmarks/bench_decode_attention.py --tiny                           # CPU, seconds
 
 Part 1 times the attention of one query token over a static KV cache (Qwen3-4B: 32 query heads,
 8 key/value heads, head dim 128; default 8.3k slots, as at 1024 frames and budget 8192) for
-several formulations, each under torch.compile, against an float32 reference:
+several formulations, each under torch.compile, against a float32 reference:
   - stock:    what transformers' sdpa path does with a mask (repeat_kv copies, then sdpa)
   - gqa_sdpa: sdpa with enable_gqa=True and the mask
   - grouped_sdpa: the query heads of one key/value head as that head's queries (tried in session 2)
+  - grouped_matmul: two matmuls per key/value head (bf16 scores)
   - tempo_decode: `fast_paths.decode_attention` (the package's decoding attention)
 Part 2 (--decoder) runs the real decoder (random bf16 weights) through `generate` with a static
-cache for each named attention implementation and reports tokens/s after the first token.
+cache for each named attention implementation and reports tokens/s after the first token
+(--profile-out: a torch.profiler table of one more generate() with the last one).
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from transformers_tempo import TempoConfig  # noqa: E402
-from transformers_tempo import fast_paths  # noqa: E402
 from transformers_tempo.fast_paths import DECODE_ATTENTION, decode_attention  # noqa: E402
 
 
@@ -51,6 +52,14 @@ def grouped_sdpa(q, k, v, mask, scale):
     return out.reshape(b, h, 1, d).transpose(1, 2)
 
 
+def grouped_matmul(q, k, v, mask, scale):
+    """One token's attention as two matmuls per key/value head (bf16 scores, as transformers' eager)."""
+    b, h, _, d = q.shape
+    scores = torch.matmul(q.reshape(b, k.shape[1], h // k.shape[1], d), k.transpose(-1, -2)).float() * scale
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.matmul(probs.to(v.dtype), v).reshape(b, h, 1, d).transpose(1, 2)
+
+
 def tempo_decode(q, k, v, mask, scale):
     module = SimpleNamespace(num_key_value_groups=q.shape[1] // k.shape[1], is_causal=True, training=False)
     return decode_attention(module, q, k, v, mask, scaling=scale)[0]
@@ -60,15 +69,9 @@ VARIANTS = {
     "stock": stock,
     "gqa_sdpa": gqa_sdpa,
     "grouped_sdpa": grouped_sdpa,
-    "tempo_decode:matmul": tempo_decode,
-    "tempo_decode:reduce": tempo_decode,
+    "grouped_matmul": grouped_matmul,
+    "tempo_decode": tempo_decode,
 }
-
-
-def use_formulation(name: str) -> None:
-    """`name:formulation` picks `fast_paths.DECODE_FORMULATION` for the package's decoding attention."""
-    if ":" in name:
-        fast_paths.DECODE_FORMULATION = name.split(":", 1)[1]
 
 
 def reference(q, k, v, mask, scale):
@@ -80,17 +83,34 @@ def reference(q, k, v, mask, scale):
 
 
 def time_calls(fn, args, device, layers: int, repeats: int) -> float:
-    """Microseconds per call, averaged over `repeats` x `layers` back-to-back calls."""
+    """Microseconds per call, averaged over `repeats` x `layers` back-to-back calls.
+
+    On the GPU the `layers` calls are captured in one CUDA graph and replayed (as the compiled
+    decoding step is), so launch overhead does not hide the kernels' time.
+    """
     for _ in range(3):
         fn(*args)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(repeats * layers):
+            fn(*args)
+        return (time.perf_counter() - t0) / (repeats * layers) * 1e6
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         for _ in range(layers):
             fn(*args)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        graph.replay()
+    torch.cuda.synchronize()
     return (time.perf_counter() - t0) / (repeats * layers) * 1e6
 
 
@@ -108,7 +128,6 @@ def kernels(args, device, dtype) -> list[dict]:
     rows = []
     for name in args.variants:
         fn = VARIANTS[name]
-        use_formulation(name)
         compiled = torch.compile(fn, dynamic=False) if not args.no_compile else fn
         try:
             out = compiled(q, k, v, mask, scale)
@@ -145,8 +164,7 @@ def decoder_rates(args, device, dtype) -> list[dict]:
     embeds = torch.randn(1, args.slots - args.new_tokens, text.hidden_size, device=device, dtype=dtype) * 0.02
     rows, first_tokens = [], None
     for name in args.decoder:
-        use_formulation(name)
-        impl = name.split(":", 1)[0]
+        impl = name
         torch._dynamo.reset()  # a fresh compiled decoding step for each implementation
         model.config._attn_implementation = impl
         gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
@@ -157,12 +175,25 @@ def decoder_rates(args, device, dtype) -> list[dict]:
         clock = Clock()
         out = model.generate(inputs_embeds=embeds, logits_processor=LogitsProcessorList([clock]), **gen)
         rate = (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
-        same = None if first_tokens is None else bool(torch.equal(out, first_tokens))
-        first_tokens = out if first_tokens is None else first_tokens
+        same, first_diff = None, None
+        if first_tokens is None:
+            first_tokens = out
+        else:
+            same = bool(torch.equal(out, first_tokens))
+            differ = (out != first_tokens).nonzero()
+            first_diff = int(differ[0, 1]) if len(differ) else None
         row = {"decoder_attention": name, "tokens_per_s": round(rate, 1), "warmup_s": round(warm, 1),
-               "same_tokens_as_first": same}
+               "same_tokens_as_first": same, "first_different_token": first_diff}
         print(json.dumps(row), flush=True)
         rows.append(row)
+    if args.profile_out:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            model.generate(inputs_embeds=embeds, **gen)
+        table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=90)
+        Path(args.profile_out).write_text(f"generate({args.new_tokens} tokens) with {args.decoder[-1]}\n{table}\n")
     return rows
 
 
@@ -172,9 +203,10 @@ def main(argv=None):
     p.add_argument("--slots", type=int, default=8320, help="static cache length")
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--variants", nargs="*", default=list(VARIANTS))
-    p.add_argument("--decoder", nargs="*", default=[], help=f"attention implementations, e.g. sdpa {DECODE_ATTENTION}:reduce")
+    p.add_argument("--decoder", nargs="*", default=[], help=f"attention implementations, e.g. sdpa {DECODE_ATTENTION}")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--profile-out", default=None, help="write a profiler table of one generate() here")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")

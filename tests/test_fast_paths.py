@@ -1,14 +1,21 @@
 """The loop-free compressor steps compute the same function as the stock transformers code."""
 
 import copy
+from contextlib import nullcontext
+from unittest import mock
 
 import pytest
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionAttention, Qwen3VLVisionPatchEmbed
 
+from transformers_tempo import fast_paths, modeling_tempo
 from transformers_tempo.fast_paths import (
+    DECODE_ATTENTION,
     TempoVisionAttention,
     TempoVisionPatchEmbed,
+    decode_attention,
     equal_group_length,
     mrope_position_ids,
     set_fast_paths,
@@ -199,3 +206,91 @@ def test_inductor_compiled_compressor_on_gpu_equals_eager(tiny_model, hand_input
     torch.testing.assert_close(got.features, expected.features, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(got.relevance_scores, expected.relevance_scores, rtol=1e-3, atol=1e-5)
 
+
+
+# ------------------------------------------------------------------------------------------
+# decoding attention
+
+
+def _decode_case(batch=2, heads=8, kv_heads=2, slots=40, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, 1, dim, generator=g)
+    k = torch.randn(batch, kv_heads, slots, dim, generator=g)
+    v = torch.randn(batch, kv_heads, slots, dim, generator=g)
+    mask = torch.ones(batch, 1, 1, slots, dtype=torch.bool)
+    mask[:, ..., slots - 6 :] = False  # empty static-cache slots
+    mask[1, ..., :4] = False  # left padding of the second row
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = heads // kv_heads, True
+    return module.eval(), q, k, v, mask
+
+
+def _reference_attention(q, k, v, mask, scale):
+    """Independent float64 attention with the key/value heads repeated per query head."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(groups, 1)
+    v = v.double().repeat_interleave(groups, 1)
+    scores = (q.double() @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+@pytest.mark.skipif(not fast_paths._GQA_WITH_MASK, reason="grouped decoding attention needs torch >= 2.11")
+def test_compiled_decode_attention_reads_grouped_cache_and_equals_reference():
+    module, q, k, v, mask = _decode_case()
+    calls = []
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(kwargs.get("enable_gqa", False))
+        return real_sdpa(*args, **kwargs)
+
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def step(q, k, v, mask):
+        return decode_attention(module, q, k, v, mask, scaling=0.25)[0]
+
+    # aot_eager traces the function as inductor would, so torch.compiler.is_compiling() is True in it
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa):
+        out = torch.compile(step, backend="aot_eager", fullgraph=True)(q, k, v, mask)
+    assert out.shape == (2, 1, 8, 16)
+    torch.testing.assert_close(out.double(), _reference_attention(q, k, v, mask, 0.25), rtol=1e-5, atol=1e-5)
+    assert calls == [True]  # one grouped call, no repeat_kv copies
+    stock = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)[0]
+    torch.testing.assert_close(out, stock, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_attention_is_transformers_sdpa_outside_compiled_single_token_steps():
+    module, q, k, v, mask = _decode_case()
+    # eager single-token step (dynamic cache decoding): transformers' function, bit for bit
+    eager = decode_attention(module, q, k, v, mask, scaling=0.25)[0]
+    assert torch.equal(eager, sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)[0])
+    # several query tokens (prefill), even under compile: transformers' function
+    g = torch.Generator().manual_seed(1)
+    q5 = torch.randn(2, 8, 5, 16, generator=g)
+    mask5 = torch.ones(2, 1, 5, 40, dtype=torch.bool).tril(diagonal=35)
+    with mock.patch("torch.compiler.is_compiling", return_value=True):
+        prefill = decode_attention(module, q5, k, v, mask5, scaling=0.25)[0]
+    assert torch.equal(prefill, sdpa_attention_forward(module, q5, k, v, mask5, scaling=0.25)[0])
+
+
+def test_generate_uses_decode_attention_and_restores_sdpa(tiny_model, hand_inputs):
+    text_config = tiny_model.config.text_config
+    assert tiny_model.model.language_model.config is text_config
+    assert text_config._attn_implementation == "sdpa"
+    inputs = hand_inputs([2, 3]).model_inputs()
+    seen = []
+    wrapped = ALL_ATTENTION_FUNCTIONS[DECODE_ATTENTION]
+
+    def spy(module, query, *args, **kwargs):
+        seen.append(query.shape[2])
+        return wrapped(module, query, *args, **kwargs)
+
+    gen = dict(max_new_tokens=3, do_sample=False, eos_token_id=None)
+    with torch.no_grad(), mock.patch.dict(ALL_ATTENTION_FUNCTIONS._global_mapping, {DECODE_ATTENTION: spy}):
+        ours = tiny_model.generate(**inputs, **gen)
+    assert text_config._attn_implementation == "sdpa"  # restored
+    layers = text_config.num_hidden_layers
+    assert len(seen) == 3 * layers and seen[layers:] == [1] * (2 * layers)  # prefill, then 2 single-token steps
+    with torch.no_grad(), mock.patch.object(modeling_tempo, "decode_attention_while_generating", nullcontext):
+        plain = tiny_model.generate(**inputs, **gen)
+    assert torch.equal(ours, plain)

@@ -10,6 +10,7 @@ The file reads in the order data flows:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from transformers.utils import logging
 
 from .configuration_tempo import TempoConfig
 from .fast_paths import (
+    DECODE_ATTENTION,
     equal_group_length,
     mrope_position_ids,
     set_fast_paths,
@@ -561,6 +563,20 @@ class TempoModel(TempoPreTrainedModel):
         )
 
 
+@contextmanager
+def decode_attention_while_generating(text_config):
+    """While generating, a decoder configured for sdpa uses `fast_paths.decode_attention`: the same
+    sdpa calls, except that compiled single-token steps read the grouped-query KV cache directly
+    instead of through `repeat_kv` copies. The configuration is restored afterwards."""
+    previous = text_config._attn_implementation
+    if previous == "sdpa":
+        text_config._attn_implementation = DECODE_ATTENTION
+    try:
+        yield
+    finally:
+        text_config._attn_implementation = previous
+
+
 def resolve_ata_options(model, visual_token_budget, min_tokens_per_segment, use_ata, token_selection) -> dict:
     """Per-call ATA options, falling back to the generation config, then the model config.
 
@@ -783,9 +799,10 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
                 compressor_batch_size=compressor_batch_size,
             )
         kwargs.setdefault("generation_config", self.generation_config)
-        output = self.plain_decoder().generate(
-            inputs_embeds=decoder_inputs.inputs_embeds, attention_mask=decoder_inputs.attention_mask, **kwargs
-        )
+        with decode_attention_while_generating(self.config.text_config):
+            output = self.plain_decoder().generate(
+                inputs_embeds=decoder_inputs.inputs_embeds, attention_mask=decoder_inputs.attention_mask, **kwargs
+            )
         if isinstance(output, ModelOutput):
             output["relevance_scores"] = decoder_inputs.relevance_scores
             output["token_allocation"] = decoder_inputs.token_allocation

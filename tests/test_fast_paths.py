@@ -294,3 +294,17 @@ def test_generate_uses_decode_attention_and_restores_sdpa(tiny_model, hand_input
     with torch.no_grad(), mock.patch.object(modeling_tempo, "decode_attention_while_generating", nullcontext):
         plain = tiny_model.generate(**inputs, **gen)
     assert torch.equal(ours, plain)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_static_cache_decoding_on_gpu_equals_dynamic(tiny_model, hand_inputs):
+    """On a GPU, generate(cache_implementation="static") compiles the single-token step (CUDA graphs),
+    where decode_attention takes its grouped path; the tokens equal eager dynamic-cache decoding."""
+    gpu_model = copy.deepcopy(tiny_model).cuda()
+    inputs = {k: v.cuda() for k, v in hand_inputs([3, 2]).model_inputs().items()}
+    gen = dict(max_new_tokens=6, do_sample=False, eos_token_id=None)
+    with torch.no_grad():
+        dynamic = gpu_model.generate(**inputs, **gen)
+        static = gpu_model.generate(**inputs, cache_implementation="static", **gen)
+    assert torch.equal(dynamic, static)

@@ -82,6 +82,7 @@ def main(argv=None):
     p.add_argument("--budget", type=int, default=None, help="visual token budget (default: the model's)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--attn", default="sdpa")
+    p.add_argument("--compile", action="store_true", help="as `tempo batch --compile` (compilation counted in the time)")
     p.add_argument("--out", required=True, help="JSON file for the results")
     p.add_argument("--commit", default=None, help="commit to report (when the checkout has no usable git HEAD)")
     args = p.parse_args(argv)
@@ -111,6 +112,8 @@ def main(argv=None):
         from transformers import pipeline
 
         model, processor = build(args.tiny, device, dtype, args.attn)
+        if args.compile:
+            model.enable_compiled_inference()
         return pipeline("video-question-answering", model=model, processor=processor, device=device)
 
     settings = BatchSettings(
@@ -135,6 +138,7 @@ def main(argv=None):
         "videos": args.videos,
         "video": f"{seconds:g} s, {width}x{height}, {args.video_fps} fps, H.264",
         "batch_size": args.batch_size,
+        "compile": args.compile,
         "budget": args.budget,
         "max_new_tokens": args.max_new_tokens,
         "sampled_frames_per_video": answered[0]["sampled_frames"] if answered else 0,

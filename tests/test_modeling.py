@@ -1,12 +1,13 @@
 import copy
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, GenerationConfig
 
 import transformers_tempo  # noqa: F401  (registers the Auto classes)
-from transformers_tempo import TempoConfig, TempoForConditionalGeneration, allocate_tokens
+from transformers_tempo import TempoConfig, TempoForConditionalGeneration, allocate_tokens, modeling_tempo
 from transformers_tempo.testing_utils import build_tiny_model, tiny_tempo_config
 
 
@@ -380,9 +381,14 @@ def test_device_map_auto_no_split_modules(tmp_path, tiny_model):
     tiny_model.save_pretrained(tmp_path)
     model = AutoModel.from_pretrained(tmp_path, device_map="auto").eval()
     assert set(model._no_split_modules) >= {"Qwen3VLVisionBlock", "Qwen3VLTextDecoderLayer", "Qwen3DecoderLayer"}
-    inputs = {"input_ids": torch.tensor([[1, 2, 3, 4]])}
+    ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, tiny_model(**inputs).logits)
+        placed = model(input_ids=ids.to(model.device)).logits.cpu()  # "auto" puts it on a GPU if there is one
+        expected = tiny_model(input_ids=ids).logits
+    if model.device.type == "cpu":
+        assert torch.equal(placed, expected)
+    else:  # another device's kernels round differently
+        torch.testing.assert_close(placed, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu
@@ -429,3 +435,52 @@ def test_decoding_runs_through_a_plain_qwen3_view_that_shares_weights(tiny_model
             embeds = torch.cat([embeds, tiny_model.get_input_embeddings()(token)], dim=1)
             mask = torch.cat([mask, torch.ones_like(token)], dim=1)
     assert torch.equal(ours, torch.cat(expected, dim=1))
+
+
+def test_static_cache_length_is_bucketed():
+    bucket = modeling_tempo.STATIC_CACHE_BUCKET
+    config = GenerationConfig(max_new_tokens=32)
+
+    def sized(prompt_length, **kwargs):
+        kwargs.setdefault("generation_config", config)
+        modeling_tempo.bucketed_static_cache_length(kwargs, prompt_length)
+        return kwargs.get("max_cache_len")
+
+    assert sized(8287, cache_implementation="static") == 9 * bucket  # 8319 slots needed
+    assert sized(8287, cache_implementation="static", max_new_tokens=1) == 9 * bucket  # 8288
+    assert sized(bucket - 32, cache_implementation="static") == bucket  # exactly full
+    assert sized(bucket - 31, cache_implementation="static") == 2 * bucket
+    assert sized(100, cache_implementation="static", max_cache_len=5000) == 5000  # the caller's choice
+    assert sized(100) is None  # dynamic cache: nothing to size
+    assert sized(100, generation_config=GenerationConfig(cache_implementation="static", max_cache_len=3000)) is None
+    assert sized(100, generation_config=GenerationConfig(cache_implementation="static", max_new_tokens=8)) == bucket
+
+
+def test_static_cache_generate_uses_a_bucketed_cache_and_same_tokens(tiny_model, hand_inputs):
+    from transformers import Qwen3ForCausalLM
+
+    inputs = hand_inputs([3, 2]).model_inputs()
+    gen = dict(max_new_tokens=4, do_sample=False, eos_token_id=None)
+    sizes = []
+    original = Qwen3ForCausalLM._prepare_static_cache
+
+    def spy(self, *args, **kwargs):
+        sizes.append(kwargs["max_cache_len"])
+        return original(self, *args, **kwargs)
+
+    with torch.no_grad():
+        dynamic = tiny_model.generate(**inputs, **gen)
+        with mock.patch.object(Qwen3ForCausalLM, "_prepare_static_cache", spy):
+            static = tiny_model.generate(**inputs, cache_implementation="static", **gen)
+    assert sizes == [modeling_tempo.STATIC_CACHE_BUCKET]
+    assert torch.equal(static, dynamic)
+
+
+def test_enable_compiled_inference_compiles_compressor_and_selects_static_cache(tiny_model, monkeypatch):
+    model = copy.deepcopy(tiny_model)
+    compiled = []
+    monkeypatch.setattr(modeling_tempo.TempoModel, "compile_compressor", lambda self, **kw: compiled.append(kw))
+    assert model.enable_compiled_inference(mode="max-autotune") is model
+    assert compiled == [{"mode": "max-autotune"}]
+    assert model.generation_config.cache_implementation == "static"
+    assert tiny_model.generation_config.cache_implementation != "static"

@@ -150,9 +150,17 @@ def test_tempo_bad_arguments_exit_2(cache, model_dir, videos):
 def test_compile_flag_compiles_the_compressor(tmp_path, monkeypatch, capsys):
     from transformers_tempo import cli, modeling_tempo
 
-    calls = []
+    calls, caches = [], []
     monkeypatch.setattr(modeling_tempo.TempoModel, "compile_compressor", lambda self, **kw: calls.append(self))
+    real_generate = modeling_tempo.TempoForConditionalGeneration.generate
+
+    def spy_generate(self, *args, **kwargs):
+        caches.append(kwargs.get("generation_config", self.generation_config).cache_implementation)
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_tempo.TempoForConditionalGeneration, "generate", spy_generate)
     monkeypatch.setenv("TEMPO_CACHE", str(tmp_path))
     assert cli.main(["demo", "--json", "--compile", "--max-new-tokens", "2"]) == 0
     assert len(calls) == 1 and isinstance(calls[0], modeling_tempo.TempoModel)
+    assert caches == ["static"]  # decoding through a static cache (compiled on GPUs)
     assert json.loads(capsys.readouterr().out)["sampled_frames"] == 24

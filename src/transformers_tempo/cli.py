@@ -97,7 +97,7 @@ def load_pipeline(model: str, device: str | None, dtype: str | None, device_map=
     except OSError as err:
         raise UsageError(f"--model {model}: cannot load a Tempo model from there ({str(err).splitlines()[0]})") from err
     if compile_compressor:
-        vqa.model.model.compile_compressor()
+        vqa.model.enable_compiled_inference()
     return vqa
 
 
@@ -239,7 +239,8 @@ def add_answer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the compressor (GPU: ~1.6x faster compression once the first shapes are compiled)",
+        help="torch.compile the compressor and decode with a static cache (compiled step with CUDA graphs); "
+        "on an H100 the compressor is ~1.7x and decoding ~4x faster once the first calls have compiled",
     )
 
 

@@ -519,3 +519,18 @@ def test_parallel_decoding_of_damaged_files_matches_one_worker(tmp_path):
     for workers in (1, 3):
         with pytest.raises(VideoLoadError, match="stub.mkv"):
             load_video(stub, num_workers=workers)
+
+
+def test_an_error_while_decoding_is_the_one_met_first_in_the_file(tmp_path, monkeypatch):
+    path = write_test_video(tmp_path / "clip.mp4", num_frames=360, fps=30, width=64, height=48, gop=12)
+    put = video_loading._FrameStore.put
+
+    def failing_put(self, index, frame, slots, part):
+        if index >= 200:  # every part from the one holding frame 203 on fails
+            raise VideoLoadError(f"{self.name}: frame {index} is bad")
+        put(self, index, frame, slots, part)
+
+    monkeypatch.setattr(video_loading._FrameStore, "put", failing_put)
+    for workers in (1, 2, 3, 4):
+        with pytest.raises(VideoLoadError, match="clip.mp4: frame 203 is bad"):
+            load_video(path, num_workers=workers)

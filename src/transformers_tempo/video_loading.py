@@ -567,21 +567,23 @@ def _decode_wanted(
 
         bar = tqdm(total=len(slots), desc="decoding", unit="frame")
     store = _FrameStore(len(wanted), reader.name, max_longer_edge, rotation, pin_memory, bar)
-    stop = threading.Event()  # set when a worker fails: the others stop at their next target
+    # The number of the first part that failed: the parts after it stop at their next target (one
+    # decoder would never get there); those before it go on, as they may fail earlier in the file.
+    first_failed = [len(parts)]
     try:
         if len(parts) == 1:
-            _decode_part(reader, number, index, parts[0], slots, store, thread_count, stop)
+            _decode_part(reader, number, index, parts[0], slots, store, thread_count, first_failed)
         else:
             with ThreadPoolExecutor(len(parts), thread_name_prefix="load_video") as pool:
                 futures = [
-                    pool.submit(_decode_part, reader, number, index, part, slots, store, thread_count, stop)
+                    pool.submit(_decode_part, reader, number, index, part, slots, store, thread_count, first_failed)
                     for part in parts
                 ]
                 try:
                     for future in futures:
                         future.result()  # raises the first failure in file order, as one decoder meets it
                 finally:
-                    stop.set()  # (after Ctrl-C too)
+                    first_failed[0] = -1  # all stop (after Ctrl-C, or once one has failed)
     finally:
         if bar is not None:
             bar.close()
@@ -598,7 +600,7 @@ def _decode_wanted(
     return store.finish(wanted, notes)
 
 
-def _decode_part(reader, number, index, part, slots, store, thread_count, stop) -> None:
+def _decode_part(reader, number, index, part, slots, store, thread_count, first_failed) -> None:
     """Decode the targets of one part with a container of its own.
 
     The cursor starts at the beginning and seeks to the keyframe before the part's first target
@@ -614,7 +616,7 @@ def _decode_part(reader, number, index, part, slots, store, thread_count, stop) 
             mine = set(part.targets)
             stored: set[int] = set()
             for target in part.targets:
-                if stop.is_set():
+                if first_failed[0] < part.number:
                     break
                 if target in stored or target <= cursor.position:
                     continue  # already have it, or it was passed over (missing; repaired by store.finish)
@@ -634,7 +636,7 @@ def _decode_part(reader, number, index, part, slots, store, thread_count, stop) 
                     break
             store.flush(part)
     except BaseException:
-        stop.set()
+        first_failed[0] = min(first_failed[0], part.number)
         raise
     finally:
         if part.number == 0:

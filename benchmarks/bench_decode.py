@@ -6,6 +6,7 @@ Generates (once, cached) a long H.264 test video with a low-detail picture and m
     python benchmarks/bench_decode.py                       # 10 min, 1280x720, 30 fps, gop 250
     python benchmarks/bench_decode.py --minutes 60 --max-frames 1024 --repeat 3
     python benchmarks/bench_decode.py --forward-only        # never seek (for comparison)
+    python benchmarks/bench_decode.py --workers 1           # one decoder (default: automatic)
 """
 
 from __future__ import annotations
@@ -59,9 +60,14 @@ def main() -> None:
     parser.add_argument("--min-frames", type=int, default=8)
     parser.add_argument("--max-frames", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=None, help="decoder threads (default: FFmpeg's choice)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="load_video num_workers: parallel keyframe ranges (default: auto)"
+    )
     parser.add_argument("--max-longer-edge", type=int, default=None, help="resize while decoding (e.g. 512)")
     parser.add_argument("--repeat", type=int, default=1, help="runs; the best and all times are reported")
-    parser.add_argument("--forward-only", action="store_true", help="never seek (decode every frame)")
+    parser.add_argument(
+        "--forward-only", action="store_true", help="never seek (decode every frame; meant with --workers 1)"
+    )
     parser.add_argument("--no-check", action="store_true", help="skip checking which frames were decoded")
     parser.add_argument("--cache-dir", default="/tmp")
     parser.add_argument("--video", default=None, help="benchmark this file instead of a generated one")
@@ -80,6 +86,7 @@ def main() -> None:
             min_frames=args.min_frames,
             max_frames=args.max_frames,
             num_threads=args.threads,
+            num_workers=args.workers,
             max_longer_edge=args.max_longer_edge,
         )
         times.append(time.perf_counter() - start)
@@ -122,6 +129,8 @@ def main() -> None:
         "index_packets": packets,
         "forward_only": args.forward_only,
         "threads": args.threads or "auto",
+        "workers": video.stats.get("workers"),
+        "workers_requested": args.workers or "auto",
         "right_frames": correct,
         "warnings": video.warnings,
         "cpu_count": os.cpu_count(),

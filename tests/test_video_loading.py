@@ -16,6 +16,7 @@ from transformers_tempo.synthetic import (
     write_long_video,
     write_test_video,
 )
+from transformers_tempo import video_loading
 from transformers_tempo.video_loading import LoadedVideo, VideoLoadError, compute_sample_indices, load_video
 
 X265_QUIET = {"x265-params": "log-level=error"}
@@ -366,3 +367,170 @@ def test_pin_memory_gives_the_same_frames(tmp_path):
     assert torch.equal(plain.frames, pinned.frames)
     # page-locked only where CUDA exists (pinning needs a driver); never an error without one
     assert pinned.frames.is_pinned() == torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------- parallel decoding
+
+
+@pytest.fixture(scope="module", params=[".mp4", ".ts"])
+def gop12_clip(request, tmp_path_factory):
+    # 360 frames, a keyframe every 12 (30 keyframe intervals); 12 s -> 24 frames at 2 fps.
+    # MPEG-TS seeks land late and are corrected by going back a keyframe.
+    return write_test_video(
+        tmp_path_factory.mktemp("p") / f"gop12{request.param}", num_frames=360, fps=30, width=64, height=48, gop=12
+    )
+
+
+def assert_same_video(video, reference):
+    assert video.frame_indices == reference.frame_indices
+    assert torch.equal(video.frames, reference.frames)
+    assert video.warnings == reference.warnings
+    assert (video.total_frames, video.source_fps, video.real_fps) == (
+        reference.total_frames,
+        reference.source_fps,
+        reference.real_fps,
+    )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"min_frames": 60, "max_frames": 60}, {"max_frames": 8}],
+    ids=["2fps", "several-per-keyframe", "sparse-seeking"],
+)
+@pytest.mark.parametrize("workers", [2, 3, 4])
+def test_parallel_decoding_matches_one_worker(gop12_clip, workers, options):
+    one = load_video(gop12_clip, num_workers=1, **options)
+    assert one.stats["workers"] == 1
+    video = load_video(gop12_clip, num_workers=workers, **options)
+    assert video.stats["workers"] == workers
+    assert_same_video(video, one)
+    assert codes(video) == video.frame_indices
+
+
+def test_parallel_ranges_start_on_keyframes(tmp_path):
+    # 361 frames, a keyframe every 12; 31 sampled frames: linspace(0, 360, 31) = 0, 12, 24, ...,
+    # so every range starts exactly on a keyframe that is itself a wanted frame
+    path = write_test_video(tmp_path / "keys.mp4", num_frames=361, fps=30, width=64, height=48, gop=12)
+    one = load_video(path, num_workers=1, min_frames=31, max_frames=31)
+    assert one.frame_indices == list(range(0, 361, 12))
+    with av.open(str(path)) as container:
+        index = video_loading._index_stream(container, container.streams.video[0])
+    assert index.keyframes == list(range(0, 361, 12))
+    for workers in (2, 3, 4):
+        parts = video_loading._plan_parts(one.frame_indices, index, workers)
+        assert [len(part.targets) > 0 for part in parts] == [True] * workers
+        assert [t for part in parts for t in part.targets] == one.frame_indices
+        assert all(part.targets[0] in index.keyframes for part in parts)
+        video = load_video(path, num_workers=workers, min_frames=31, max_frames=31)
+        assert_same_video(video, one)
+        assert codes(video) == video.frame_indices
+
+    # several wanted frames per keyframe interval: a part never starts inside another's interval
+    targets = compute_sample_indices(361, 30.0, min_frames=90, max_frames=90)
+    parts = video_loading._plan_parts(targets, index, 4)
+    assert len(parts) == 4
+    for before, after in zip(parts, parts[1:]):
+        keyframe = max(k for k in index.keyframes if k <= after.targets[0])
+        assert before.targets[-1] < keyframe
+
+
+def test_parallel_decoding_with_repeated_frames(tmp_path):
+    # 40 frames (4 keyframe intervals) sampled to min_frames=64: indices repeat
+    path = write_test_video(tmp_path / "short.mp4", num_frames=40, fps=10, width=64, height=48, gop=10)
+    one = load_video(path, num_workers=1, min_frames=64)
+    assert len(one.frame_indices) == 64 and len(set(one.frame_indices)) == 40
+    for workers in (2, 4):
+        video = load_video(path, num_workers=workers, min_frames=64)
+        assert video.stats["workers"] == workers
+        assert_same_video(video, one)
+        assert codes(video) == video.frame_indices
+
+
+def test_parallel_decoding_with_resize_progress_and_pinned_memory(tmp_path, capsys):
+    path = write_test_video(tmp_path / "clip.mp4", num_frames=360, fps=30, width=64, height=48, gop=12)
+    one = load_video(path, num_workers=1, max_longer_edge=32)
+    capsys.readouterr()
+    video = load_video(path, num_workers=3, max_longer_edge=32, progress=True, pin_memory=True)
+    assert "24/24" in capsys.readouterr().err  # every worker's frames counted once
+    assert video.stats["workers"] == 3 and max(video.frames.shape[1:3]) == 32
+    assert_same_video(video, one)
+    assert video.frames.is_pinned() == torch.cuda.is_available()
+
+
+def test_automatic_number_of_workers(tmp_path, monkeypatch):
+    path = write_test_video(tmp_path / "clip.mp4", num_frames=360, fps=30, width=64, height=48, gop=12)
+    one = load_video(path, num_workers=1)
+    assert load_video(path).stats["workers"] == 1  # 360 frames to decode: a short job
+
+    monkeypatch.setattr(video_loading, "_cpu_count", lambda: 4)
+    monkeypatch.setattr(video_loading, "MIN_FRAMES_PER_WORKER", 100)
+    auto = load_video(path)
+    assert auto.stats["workers"] == 3  # 360 frames // 100
+    assert_same_video(auto, one)
+    monkeypatch.setattr(video_loading, "MIN_FRAMES_PER_WORKER", 10)
+    assert load_video(path).stats["workers"] == 4  # no more than the cores
+    # bytes and file objects cannot be opened once per worker: always one
+    data = path.read_bytes()
+    for workers in (None, 4):
+        for source in (data, io.BytesIO(data)):
+            video = load_video(source, num_workers=workers)
+            assert video.stats["workers"] == 1
+            assert torch.equal(video.frames, one.frames)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2"])
+def test_num_workers_must_be_a_positive_integer(h264_clip, bad):
+    with pytest.raises(ValueError, match="num_workers must be a positive integer"):
+        load_video(h264_clip, num_workers=bad)
+
+
+def test_parallel_decoding_of_damaged_files_matches_one_worker(tmp_path):
+    # truncated: the last range ends early
+    path = write_test_video(tmp_path / "clip.mkv", num_frames=360, fps=30, width=64, height=48, gop=12)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    one = load_video(cut, num_workers=1)
+    assert any("truncated" in w for w in one.warnings)
+    for workers in (2, 3):
+        video = load_video(cut, num_workers=workers)
+        assert video.stats["workers"] == workers
+        assert_same_video(video, one)
+
+    # zeroed packet data a third of the way in: one decoder stops there for good, and so do
+    # several (the ranges after the failing one are dropped and repaired like any missing frame)
+    path = write_test_video(tmp_path / "clip.mp4", num_frames=360, fps=30, width=64, height=48, gop=12)
+    data = bytearray(path.read_bytes())
+    at = int(len(data) * 0.3)
+    data[at : at + 400] = bytes(400)
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(bytes(data))
+    one = load_video(broken, num_workers=1)
+    assert any("decoding stopped" in w for w in one.warnings)
+    assert any("could not be decoded" in w for w in one.warnings)
+    for workers in (2, 3, 4):
+        video = load_video(broken, num_workers=workers)
+        assert video.stats["workers"] == workers
+        assert_same_video(video, one)
+
+    # nothing readable: the same error
+    stub = tmp_path / "stub.mkv"
+    stub.write_bytes(data[:400])
+    for workers in (1, 3):
+        with pytest.raises(VideoLoadError, match="stub.mkv"):
+            load_video(stub, num_workers=workers)
+
+
+def test_an_error_while_decoding_is_the_one_met_first_in_the_file(tmp_path, monkeypatch):
+    path = write_test_video(tmp_path / "clip.mp4", num_frames=360, fps=30, width=64, height=48, gop=12)
+    put = video_loading._FrameStore.put
+
+    def failing_put(self, index, frame, slots, part):
+        if index >= 200:  # every part from the one holding frame 203 on fails
+            raise VideoLoadError(f"{self.name}: frame {index} is bad")
+        put(self, index, frame, slots, part)
+
+    monkeypatch.setattr(video_loading._FrameStore, "put", failing_put)
+    for workers in (1, 2, 3, 4):
+        with pytest.raises(VideoLoadError, match="clip.mp4: frame 203 is bad"):
+            load_video(path, num_workers=workers)

@@ -12,7 +12,7 @@ from .video_loading import LoadedVideo, load_video
 
 PIXEL_KEYS = ("pixel_values_videos", "pixel_values")
 ATA_CALL_OPTIONS = ("visual_token_budget", "min_tokens_per_segment", "use_ata")
-LOAD_OPTIONS = ("fps", "min_frames", "max_frames")
+LOAD_OPTIONS = ("fps", "min_frames", "max_frames", "num_workers")
 
 
 @dataclass

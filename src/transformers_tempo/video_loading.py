@@ -15,6 +15,13 @@ and B-frames alike.
 Decoding keeps only the sampled frames. It walks forward through the stream and seeks to the
 keyframe before a wanted frame whenever that skips more than a few dozen frames, so sparse
 sampling of long videos does not decode everything in between.
+
+A file can also be decoded by several workers at once (`num_workers`): the wanted frames are cut
+into ranges that start on keyframes, and each range is decoded in a thread of its own, with a
+container of its own, into the same output buffer. FFmpeg's frame threads alone stop scaling
+after a few cores (each frame waits for the rows of the frames it references, and parsing the
+bitstream is serial), while ranges that start on keyframes share nothing; PyAV releases the GIL
+while FFmpeg decodes. The frames are the same whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import bisect
 import io
 import math
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +47,11 @@ __all__ = ["LoadedVideo", "VideoLoadError", "compute_sample_indices", "load_vide
 # Seek to the next wanted frame's keyframe only when that skips at least this many frames;
 # below it, decoding forward is as cheap as a seek (which also drains the threaded decoder).
 SEEK_MIN_SKIPPED_FRAMES = 32
+# Automatic num_workers: one worker per this many frames to decode (fewer: one worker; opening
+# another container and filling another FFmpeg thread pool costs about what decoding a few dozen
+# frames does), and never more than MAX_WORKERS or the number of cores.
+MIN_FRAMES_PER_WORKER = 500
+MAX_WORKERS = 8
 # Frames whose longer side is over MAX_ASPECT_RATIO times the shorter one are refused (the
 # Qwen3-VL resize refuses them too).
 MAX_ASPECT_RATIO = 200
@@ -59,7 +73,10 @@ class LoadedVideo:
         source_fps: average frame rate of the source.
         total_frames: number of frames of the source.
         warnings: everything that was guessed, repaired or worked around.
-        stats: decoding statistics (``decoded_frames``, ``seeks``; empty for frames given directly).
+        stats: decoding statistics, empty for frames given directly: ``decoded_frames`` and ``seeks``
+            (summed over the workers) and ``workers``. Each worker starts at the keyframe of its
+            range, so several workers can decode fewer frames than one that decodes through the
+            gaps between ranges (or a few more, where a seek lands early).
     """
 
     frames: torch.Tensor
@@ -113,6 +130,7 @@ def load_video(
     progress: bool = False,
     max_longer_edge: int | None = None,
     pin_memory: bool = False,
+    num_workers: int | None = None,
 ) -> LoadedVideo:
     """Load and sample a video.
 
@@ -136,16 +154,28 @@ def load_video(
             frames in memory. Use 512 (the processor's limit) for Tempo.
         pin_memory: decode straight into page-locked memory (when CUDA is available), so the
             frames go to the GPU at full bus speed and asynchronously. For files only.
+        num_workers: decode this many keyframe-aligned ranges of a file at once, each in a
+            thread with its own container (FFmpeg threads per container: `num_threads`, else
+            the cores divided among the workers). None: automatic, one worker for short jobs
+            (under about MIN_FRAMES_PER_WORKER frames to decode per worker), else up to
+            min(8, cores); 1: one decoder for the whole file. Bytes and file objects are always
+            decoded by one worker. The result does not depend on this number.
 
     Raises:
         VideoLoadError: the input is missing, empty, not a video, has no decodable frame,
             has no usable frame rate, an extreme aspect ratio, or a wrong array shape/dtype.
     """
+    if num_workers is not None and (
+        isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1
+    ):
+        raise ValueError(f"num_workers must be a positive integer or None, got {num_workers!r}")
     if isinstance(video, (np.ndarray, torch.Tensor, list, tuple)):
         return _load_frames(video, video_metadata, max_longer_edge)
     source, name = _open_source(video)
     pin = bool(pin_memory) and torch.cuda.is_available()
-    return _load_container(source, name, fps, min_frames, max_frames, num_threads, progress, max_longer_edge, pin)
+    return _load_container(
+        source, name, fps, min_frames, max_frames, num_threads, progress, max_longer_edge, pin, num_workers
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -414,7 +444,8 @@ def _video_stream_number(container) -> int:
 
 
 def _load_container(
-    source, name, fps, min_frames, max_frames, num_threads, progress, max_longer_edge, pin_memory=False
+    source, name, fps, min_frames, max_frames, num_threads, progress, max_longer_edge, pin_memory=False,
+    num_workers=1,
 ) -> LoadedVideo:
     notes: list[str] = []
     reader = _Reader(source, name)
@@ -424,25 +455,33 @@ def _load_container(
             if container.streams.audio:
                 raise VideoLoadError(f"{name}: audio-only file (it has no video stream)")
             raise VideoLoadError(f"{name}: no video stream in this file")
-        stream = container.streams.video[_video_stream_number(container)]
+        number = _video_stream_number(container)
+        stream = container.streams.video[number]
         width, height = stream.codec_context.width, stream.codec_context.height
         if width and height:
             _check_aspect_ratio(height, width, name)
         index = _index_stream(container, stream)
         source_fps = _source_fps(stream, index, name, notes)
         total = _count_frames(stream, container, index, source_fps, name, notes)
+        rotation = _stream_rotation(stream)
 
     wanted = compute_sample_indices(total, source_fps, fps, min_frames, max_frames)
     duration = total / source_fps
 
-    with reader.open() as container:
-        stream = container.streams.video[_video_stream_number(container)]
-        stream.thread_type = "AUTO"
-        stream.codec_context.thread_count = num_threads or 0
-        stats = {"decoded_frames": 0, "seeks": 0}
-        frames = _decode_wanted(
-            container, stream, index, wanted, name, notes, progress, max_longer_edge, stats, pin_memory
-        )
+    # Only a path can be opened once per worker; bytes and file objects have one reader.
+    parts = _plan_parts(sorted(set(wanted)), index, num_workers if isinstance(source, str) else 1)
+    if len(parts) == 1:
+        thread_count = num_threads or 0  # 0: FFmpeg's choice
+    else:
+        thread_count = num_threads or max(1, _cpu_count() // len(parts))
+    frames = _decode_wanted(
+        reader, number, index, wanted, parts, thread_count, notes, progress, max_longer_edge, rotation, pin_memory
+    )
+    stats = {
+        "decoded_frames": sum(part.stats["decoded_frames"] for part in parts),
+        "seeks": sum(part.stats["seeks"] for part in parts),
+        "workers": len(parts),
+    }
 
     _log_notes(notes)
     return LoadedVideo(
@@ -457,41 +496,151 @@ def _load_container(
     )
 
 
+def _cpu_count() -> int:
+    """CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@dataclass
+class _Part:
+    """The share of one worker: the wanted frames of consecutive keyframe intervals."""
+
+    number: int  # 0 for the part holding the first wanted frame
+    targets: list[int]  # sorted distinct presentation indices
+    notes: list[str] = field(default_factory=list)  # merged in part order when all are done
+    stats: dict[str, int] = field(default_factory=lambda: {"decoded_frames": 0, "seeks": 0})
+    staged: list = field(default_factory=list)  # (image, slots) waiting for the longer-edge resize
+    exhausted: bool = False  # the stream ended or decoding failed inside this part
+
+
+def _plan_parts(targets: list[int], index: _StreamIndex, num_workers: int | None) -> list[_Part]:
+    """Cut the sorted distinct `targets` into at most `num_workers` parts (None: automatic).
+
+    Targets after the same keyframe stay in one part, so every part but the first starts on a
+    keyframe that no other part decodes past. The cuts balance an estimate of the frames one
+    decoder would decode for each keyframe interval (it decodes forward, or seeks to the
+    keyframe when that skips SEEK_MIN_SKIPPED_FRAMES frames, as `_Cursor` does).
+    """
+    if num_workers == 1 or index.pts is None or not index.keyframes:
+        return [_Part(0, list(targets))]
+    runs: list[list] = []  # [keyframe, its targets, frames to decode]
+    position = -1
+    for target in targets:
+        k = max(bisect.bisect_right(index.keyframes, target) - 1, 0)
+        keyframe = index.keyframes[k]
+        start = keyframe if keyframe - position - 1 >= SEEK_MIN_SKIPPED_FRAMES else position + 1
+        work = max(target - start + 1, 1)
+        position = target
+        if runs and runs[-1][0] == k:
+            runs[-1][1].append(target)
+            runs[-1][2] += work
+        else:
+            runs.append([k, [target], work])
+    total = sum(work for _, _, work in runs)
+    if num_workers is None:
+        num_workers = min(MAX_WORKERS, _cpu_count(), total // MIN_FRAMES_PER_WORKER)
+    num_workers = max(1, min(num_workers, len(runs)))
+    # Each interval goes to the part where the middle of its work falls.
+    parts: list[_Part] = []
+    done = 0
+    for _, run_targets, work in runs:
+        number = min(num_workers - 1, int((done + work / 2) * num_workers / total))
+        done += work
+        if not parts or number > parts[-1].number:
+            parts.append(_Part(len(parts), []))
+        parts[-1].targets.extend(run_targets)
+    return parts
+
+
 def _decode_wanted(
-    container, stream, index, wanted, name, notes, progress, max_longer_edge, stats, pin_memory=False
+    reader, number, index, wanted, parts, thread_count, notes, progress, max_longer_edge, rotation, pin_memory
 ) -> torch.Tensor:
-    """Decode the frames at presentation indices `wanted` (sorted, repeats allowed)."""
+    """Decode the frames at presentation indices `wanted` (sorted, repeats allowed), a thread per part."""
     slots: dict[int, list[int]] = {}
     for slot, i in enumerate(wanted):
         slots.setdefault(i, []).append(slot)
-    store = _FrameStore(len(wanted), name, notes, max_longer_edge, stream, pin_memory)
-    cursor = _Cursor(container, stream, index, name, notes, stats)
-
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(slots), desc="decoding", unit="frame")
-    for target in sorted(slots):
-        if target in store.decoded or target <= cursor.position:
-            continue  # already have it, or it was passed over (missing; repaired by store.finish)
-        cursor.seek_if_worthwhile(target)
-        while True:
-            item = cursor.next_frame(target)
-            if item is None:
-                break  # end of stream, or decoding failed
-            i, frame = item
-            if i in slots and i not in store.decoded:
-                store.put(i, frame, slots[i])
-                if bar is not None:
-                    bar.update(1)
-            if i >= target:
-                break
-        if cursor.exhausted:
+    store = _FrameStore(len(wanted), reader.name, max_longer_edge, rotation, pin_memory, bar)
+    # The number of the first part that failed: the parts after it stop at their next target (one
+    # decoder would never get there); those before it go on, as they may fail earlier in the file.
+    first_failed = [len(parts)]
+    try:
+        if len(parts) == 1:
+            _decode_part(reader, number, index, parts[0], slots, store, thread_count, first_failed)
+        else:
+            with ThreadPoolExecutor(len(parts), thread_name_prefix="load_video") as pool:
+                futures = [
+                    pool.submit(_decode_part, reader, number, index, part, slots, store, thread_count, first_failed)
+                    for part in parts
+                ]
+                try:
+                    for future in futures:
+                        future.result()  # raises the first failure in file order, as one decoder meets it
+                finally:
+                    first_failed[0] = -1  # all stop (after Ctrl-C, or once one has failed)
+    finally:
+        if bar is not None:
+            bar.close()
+    # One decoder stops for good where the stream ends or decoding fails. The parts after such a
+    # part decoded frames that one decoder never reaches: drop them and their notes, so that the
+    # frames and warnings do not depend on the number of workers.
+    for j, part in enumerate(parts):
+        notes.extend(part.notes)
+        if part.exhausted:
+            for later in parts[j + 1 :]:
+                for i in later.targets:
+                    store.decoded.pop(i, None)
             break
-    if bar is not None:
-        bar.close()
-    return store.finish(wanted)
+    return store.finish(wanted, notes)
+
+
+def _decode_part(reader, number, index, part, slots, store, thread_count, first_failed) -> None:
+    """Decode the targets of one part with a container of its own.
+
+    The cursor starts at the beginning and seeks to the keyframe before the part's first target
+    when that skips enough frames, exactly as one decoder walks the whole file; frames of other
+    parts that it passes on the way are not stored.
+    """
+    try:
+        with reader.open() as container:
+            stream = container.streams.video[number]
+            stream.thread_type = "AUTO"
+            stream.codec_context.thread_count = thread_count
+            cursor = _Cursor(container, stream, index, reader.name, part.notes, part.stats)
+            mine = set(part.targets)
+            stored: set[int] = set()
+            for target in part.targets:
+                if first_failed[0] < part.number:
+                    break
+                if target in stored or target <= cursor.position:
+                    continue  # already have it, or it was passed over (missing; repaired by store.finish)
+                cursor.seek_if_worthwhile(target)
+                while True:
+                    item = cursor.next_frame(target)
+                    if item is None:
+                        break  # end of stream, or decoding failed
+                    i, frame = item
+                    if i in mine and i not in stored:
+                        store.put(i, frame, slots[i], part)
+                        stored.add(i)
+                    if i >= target:
+                        break
+                if cursor.exhausted:
+                    part.exhausted = True
+                    break
+            store.flush(part)
+    except BaseException:
+        first_failed[0] = min(first_failed[0], part.number)
+        raise
+    finally:
+        if part.number == 0:
+            store.first_stored.set()  # also when the first part stored nothing
 
 
 class _Cursor:
@@ -590,77 +739,94 @@ class _FrameStore:
 
     The buffer is a numpy array: copying a frame into it with numpy is several times faster
     than a torch copy, which wakes its intra-op threads for every 3 MB frame. With a
-    longer-edge limit, frames wait in a small staging batch and are resized together.
+    longer-edge limit, frames wait in a small staging batch (one per part) and are resized
+    together.
+
+    Several workers may put frames at once, each its own frames (so they write different
+    slots). A lock guards what they share, and the other parts wait until the first part has
+    stored its first frame: the rotation and the buffer's size come from the first sampled
+    frame, as with one worker.
     """
 
     STAGING_FRAMES = 32
 
-    def __init__(self, count, name, notes, max_longer_edge, stream, pin_memory=False):
+    def __init__(self, count, name, max_longer_edge, stream_rotation, pin_memory=False, bar=None):
         self.count = count
         self.pin_memory = pin_memory
         self.tensor: torch.Tensor | None = None  # owns the buffer's memory when it is pinned
         self.name = name
-        self.notes = notes
         self.max_longer_edge = max_longer_edge
-        self.stream_rotation = _stream_rotation(stream)
+        self.stream_rotation = stream_rotation
+        self.bar = bar
         self.buffer: np.ndarray | None = None
         self.decoded: dict[int, int] = {}  # source index -> a slot holding it
-        self.staged: list[tuple[np.ndarray, list[int]]] = []
         self.rotation = None
         self.size_warned = False
+        self.lock = threading.Lock()
+        self.first_stored = threading.Event()  # set by part 0 after its first frame (or when it ends)
 
-    def put(self, index: int, frame, slots: list[int]) -> None:
-        if self.rotation is None:
-            rotation = getattr(frame, "rotation", 0) or self.stream_rotation
-            self.rotation = int(round(rotation / 90.0)) % 4
-            if rotation % 90:
-                self.notes.append(f"{self.name}: rotation of {rotation} degrees rounded to a multiple of 90")
+    def put(self, index: int, frame, slots: list[int], part: _Part) -> None:
+        if part.number > 0:
+            self.first_stored.wait()
+        with self.lock:
+            if self.rotation is None:
+                rotation = getattr(frame, "rotation", 0) or self.stream_rotation
+                self.rotation = int(round(rotation / 90.0)) % 4
+                if rotation % 90:
+                    part.notes.append(f"{self.name}: rotation of {rotation} degrees rounded to a multiple of 90")
         image = frame.to_ndarray(format="rgb24")
         if self.rotation:
             image = np.ascontiguousarray(np.rot90(image, k=self.rotation))  # counter-clockwise, as VideoFrame.rotation
-        self.decoded[index] = slots[0]
+        with self.lock:
+            self.decoded[index] = slots[0]
+            if self.bar is not None:
+                self.bar.update(1)
         if self.max_longer_edge is None:
-            self._write(image, slots)
-            return
-        if self.staged and image.shape != self.staged[0][0].shape:
-            self._flush()
-        self.staged.append((image, slots))
-        if len(self.staged) >= self.STAGING_FRAMES:
-            self._flush()
+            self._write(image, slots, part.notes)
+        else:
+            if part.staged and image.shape != part.staged[0][0].shape:
+                self.flush(part)
+            part.staged.append((image, slots))
+            if len(part.staged) >= self.STAGING_FRAMES or self.buffer is None:
+                self.flush(part)  # the first frame at once: it sets the buffer's size
+        if part.number == 0:
+            self.first_stored.set()
 
-    def _flush(self) -> None:
-        if not self.staged:
+    def flush(self, part: _Part) -> None:
+        """Resize and write the frames staged by `part`."""
+        if not part.staged:
             return
-        batch = torch.from_numpy(np.stack([image for image, _ in self.staged]))
+        batch = torch.from_numpy(np.stack([image for image, _ in part.staged]))
         resized = _limit_longer_edge(batch, self.max_longer_edge).numpy()
-        for image, (_, slots) in zip(resized, self.staged):
-            self._write(image, slots)
-        self.staged = []
+        for image, (_, slots) in zip(resized, part.staged):
+            self._write(image, slots, part.notes)
+        part.staged.clear()
 
-    def _write(self, image: np.ndarray, slots: list[int]) -> None:
-        if self.buffer is None:
-            _check_aspect_ratio(image.shape[0], image.shape[1], self.name)
-            if self.pin_memory:
-                self.tensor = torch.empty((self.count, *image.shape), dtype=torch.uint8, pin_memory=True)
-                self.buffer = self.tensor.numpy()
-            else:
-                self.buffer = np.empty((self.count, *image.shape), dtype=np.uint8)
-        if image.shape != self.buffer.shape[1:]:
-            if not self.size_warned:
-                self.notes.append(
+    def _write(self, image: np.ndarray, slots: list[int], notes: list[str]) -> None:
+        with self.lock:
+            if self.buffer is None:
+                _check_aspect_ratio(image.shape[0], image.shape[1], self.name)
+                if self.pin_memory:
+                    self.tensor = torch.empty((self.count, *image.shape), dtype=torch.uint8, pin_memory=True)
+                    self.buffer = self.tensor.numpy()
+                else:
+                    self.buffer = np.empty((self.count, *image.shape), dtype=np.uint8)
+            other_size = image.shape != self.buffer.shape[1:]
+            if other_size and not self.size_warned:
+                notes.append(
                     f"{self.name}: frame size changes inside the stream ({tuple(image.shape[:2])} vs "
                     f"{tuple(self.buffer.shape[1:3])}); later frames are resized to the first size"
                 )
                 self.size_warned = True
+        if other_size:
             from .video_processing_tempo import resize_frames
 
             chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
             image = resize_frames(chw, tuple(self.buffer.shape[1:3]))[0].permute(1, 2, 0).numpy()
         for slot in slots:
-            self.buffer[slot] = image
+            self.buffer[slot] = image  # slots of one source frame belong to one part: no lock needed
 
-    def finish(self, wanted: list[int]) -> torch.Tensor:
-        self._flush()
+    def finish(self, wanted: list[int], notes: list[str]) -> torch.Tensor:
         if self.buffer is None or not self.decoded:
             raise VideoLoadError(f"{self.name}: no video frame could be decoded")
         missing = sorted({i for i in wanted if i not in self.decoded})
@@ -672,7 +838,7 @@ class _FrameStore:
                     if j == i:
                         self.buffer[slot] = self.buffer[self.decoded[nearest]]
             shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-            self.notes.append(
+            notes.append(
                 f"{self.name}: {len(missing)} sampled frame(s) could not be decoded ({shown}); "
                 "each was replaced by the nearest earlier decoded frame"
             )

@@ -11,6 +11,10 @@ compressor over hundreds of equal-sized frame groups, where per-group Python loo
 * `mrope_position_ids`: `Qwen3VLModel.get_rope_index` loops in Python over rows and token groups;
   this builds the same 3-axis position ids with a few tensor ops for the whole chunk.
 
+The decoder gets one more: `decode_attention`, registered as the attention implementation
+`DECODE_ATTENTION`, reads the grouped-query KV cache directly in compiled single-token steps
+instead of through `repeat_kv` copies (Tempo's `generate` selects it for an sdpa decoder).
+
 `set_fast_paths(compressor, enabled)` switches the first two in or out (they keep the stock
 parameters and names, so checkpoints do not change); tests compare both ways.
 """
@@ -19,11 +23,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.qwen3_vl.modeling_qwen3_vl import (
     Qwen3VLVisionAttention,
     Qwen3VLVisionPatchEmbed,
     apply_rotary_pos_emb_vision,
 )
+from transformers.utils.import_utils import is_torch_greater_or_equal
 
 
 def equal_group_length(cu_seqlens: torch.Tensor) -> int | None:
@@ -165,7 +173,7 @@ def mrope_position_ids(
 DECODE_ATTENTION = "tempo_decode_sdpa"
 # Measured on torch 2.11 (H100): sdpa with enable_gqa and a mask runs a fused kernel; transformers
 # avoids that combination because older torch fell back to the math kernel for it.
-_GQA_WITH_MASK = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 11)
+_GQA_WITH_MASK = is_torch_greater_or_equal("2.11", accept_dev=True)
 
 
 def decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
@@ -178,15 +186,7 @@ def decode_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     float32 reference); generate() 69-78 -> 99 tokens/s. Every other call (prefill, training, eager
     decoding, where transformers already uses `enable_gqa` when it has no mask) is transformers' own.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if (
-        query.shape[2] != 1
-        or not _GQA_WITH_MASK
-        or (dropout and module.training)
-        or not torch.compiler.is_compiling()
-        or query.shape[1] % key.shape[1]
-    ):
+    if query.shape[2] != 1 or not _GQA_WITH_MASK or (dropout and module.training) or not torch.compiler.is_compiling():
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
@@ -196,9 +196,6 @@ def decode_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
 def register_attention_functions() -> None:
     """Make `DECODE_ATTENTION` a valid `attn_implementation` (with sdpa's masks)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     AttentionInterface.register(DECODE_ATTENTION, decode_attention)
     AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
 

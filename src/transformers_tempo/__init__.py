@@ -14,7 +14,8 @@ from .modeling_tempo import (
     TempoPreTrainedModel,
 )
 from .pipeline_tempo import VideoQuestionAnsweringPipeline, register_pipeline
-from .processing_tempo import TempoProcessor
+from .processing_tempo import PendingVideo, TempoProcessor
+from .streaming import StreamedVideo, compress_streaming, generate_streaming
 from .token_allocation import allocate_tokens, select_tokens
 from .video_loading import LoadedVideo, VideoLoadError, load_video
 from .video_processing_tempo import TempoVideoProcessor
@@ -41,6 +42,10 @@ __all__ = [
     "LoadedVideo",
     "VideoLoadError",
     "load_video",
+    "PendingVideo",
+    "StreamedVideo",
+    "compress_streaming",
+    "generate_streaming",
     "allocate_tokens",
     "select_tokens",
 ]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,10 +48,31 @@ __all__ = [
     "DECODER_CHAT_TEMPLATE",
     "DEFAULT_SYSTEM_PROMPT",
     "EMPTY_QUERY",
+    "PendingVideo",
     "TempoProcessor",
 ]
 
 IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class PendingVideo:
+    """A video whose sampled frames are still decoding: what its prompts need is already known.
+
+    Given as a video, the processor builds every token (decoder prompt, timestamps, compressor
+    rows) and `video_grid_thw`, but no `pixel_values_videos`; `streaming.generate_streaming`
+    makes those segment by segment as the frames arrive.
+
+    Attributes:
+        num_frames: number of sampled frames.
+        real_fps: their frame rate (timestamps are index / real_fps).
+        height, width: size of the decoded frames.
+    """
+
+    num_frames: int
+    real_fps: float
+    height: int
+    width: int
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 COMPRESSOR_SYSTEM_PROMPT = (
@@ -549,7 +571,12 @@ class TempoProcessor(ProcessorMixin):
         ):
             chosen = [v for v in visuals if v is not None and v["kind"] == kind]
             if chosen:
-                data[pixel_key] = _concat_rows([v["pixels"] for v in chosen])
+                pixels = [v["pixels"] for v in chosen]
+                if any(p is None for p in pixels):  # PendingVideo: its pixels come later
+                    if not all(p is None for p in pixels):
+                        raise ValueError("a batch cannot mix PendingVideo inputs with decoded videos")
+                else:
+                    data[pixel_key] = _concat_rows(pixels)
                 data[grid_key] = torch.cat([v["grid"] for v in chosen], dim=0)
         for name in ATA_OPTIONS:
             if ata_options.get(name) is not None:
@@ -564,6 +591,10 @@ class TempoProcessor(ProcessorMixin):
         vp = self.video_processor
         if sample["video"] is not None:
             video = sample["video"]
+            if isinstance(video, PendingVideo):
+                grid = vp.segment_grids(video.num_frames, video.height, video.width)
+                out = {"pixel_values_videos": None, "video_grid_thw": grid}
+                return self._video_layout(out, video.real_fps, video.num_frames)
             try:
                 if not isinstance(video, LoadedVideo):
                     options = {"fps": vp.fps, "min_frames": vp.min_frames, "max_frames": vp.max_frames}
@@ -762,8 +793,9 @@ def _item_kind(item: Any) -> str:
 
 def _is_single_video(value: Any) -> bool:
     """One video (not a batch): a path, bytes, a file object, a (T, H, W, 3) array, a
-    `LoadedVideo`, or a list of frames (PIL images / (H, W, 3) arrays)."""
-    if isinstance(value, (str, os.PathLike, bytes, bytearray, memoryview, LoadedVideo)) or hasattr(value, "read"):
+    `LoadedVideo` or `PendingVideo`, or a list of frames (PIL images / (H, W, 3) arrays)."""
+    single = (str, os.PathLike, bytes, bytearray, memoryview, LoadedVideo, PendingVideo)
+    if isinstance(value, single) or hasattr(value, "read"):
         return True
     if isinstance(value, (np.ndarray, torch.Tensor)):
         return value.ndim == 4

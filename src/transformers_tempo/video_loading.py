@@ -42,7 +42,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["LoadedVideo", "VideoLoadError", "compute_sample_indices", "load_video"]
+__all__ = ["FramesReady", "LoadedVideo", "VideoLoadError", "compute_sample_indices", "load_video"]
 
 # Seek to the next wanted frame's keyframe only when that skips at least this many frames;
 # below it, decoding forward is as cheap as a seek (which also drains the threaded decoder).
@@ -93,6 +93,23 @@ class LoadedVideo:
         return int(self.frames.shape[0])
 
 
+@dataclass
+class FramesReady:
+    """What `load_video(on_frames=...)` reports each time sampled frames land in the output buffer.
+
+    Attributes:
+        frames: the whole (T, H, W, 3) uint8 output buffer, still being filled; the rows listed in
+            `slots` hold their frames now. A row can be reported again, later, when its content
+            changed: a frame that could not be decoded is replaced by an earlier one at the end.
+        slots: positions in the sampled sequence that were just written.
+        real_fps: frame rate of the sampled frames (known before decoding starts).
+    """
+
+    frames: torch.Tensor
+    slots: list[int]
+    real_fps: float
+
+
 def compute_sample_indices(
     total_frames: int,
     source_fps: float,
@@ -131,6 +148,7 @@ def load_video(
     max_longer_edge: int | None = None,
     pin_memory: bool = False,
     num_workers: int | None = None,
+    on_frames: Any = None,
 ) -> LoadedVideo:
     """Load and sample a video.
 
@@ -160,6 +178,10 @@ def load_video(
             (under about MIN_FRAMES_PER_WORKER frames to decode per worker), else up to
             min(8, cores); 1: one decoder for the whole file. Bytes and file objects are always
             decoded by one worker. The result does not depend on this number.
+        on_frames: called with a `FramesReady` whenever sampled frames have been written to the
+            output buffer (from the decoding threads), so a consumer can start on them while the
+            rest of the file decodes (`streaming.generate_streaming` does). Frames given directly
+            are reported once, all together.
 
     Raises:
         VideoLoadError: the input is missing, empty, not a video, has no decodable frame,
@@ -170,11 +192,14 @@ def load_video(
     ):
         raise ValueError(f"num_workers must be a positive integer or None, got {num_workers!r}")
     if isinstance(video, (np.ndarray, torch.Tensor, list, tuple)):
-        return _load_frames(video, video_metadata, max_longer_edge)
+        loaded = _load_frames(video, video_metadata, max_longer_edge)
+        if on_frames is not None:
+            on_frames(FramesReady(loaded.frames, list(range(loaded.num_frames)), loaded.real_fps))
+        return loaded
     source, name = _open_source(video)
     pin = bool(pin_memory) and torch.cuda.is_available()
     return _load_container(
-        source, name, fps, min_frames, max_frames, num_threads, progress, max_longer_edge, pin, num_workers
+        source, name, fps, min_frames, max_frames, num_threads, progress, max_longer_edge, pin, num_workers, on_frames
     )
 
 
@@ -445,7 +470,7 @@ def _video_stream_number(container) -> int:
 
 def _load_container(
     source, name, fps, min_frames, max_frames, num_threads, progress, max_longer_edge, pin_memory=False,
-    num_workers=1,
+    num_workers=1, on_frames=None,
 ) -> LoadedVideo:
     notes: list[str] = []
     reader = _Reader(source, name)
@@ -467,6 +492,11 @@ def _load_container(
 
     wanted = compute_sample_indices(total, source_fps, fps, min_frames, max_frames)
     duration = total / source_fps
+    real_fps = len(wanted) / duration if duration > 0 else fps
+    listener = None
+    if on_frames is not None:
+        def listener(frames, slots):
+            on_frames(FramesReady(frames, slots, real_fps))
 
     # Only a path can be opened once per worker; bytes and file objects have one reader.
     parts = _plan_parts(sorted(set(wanted)), index, num_workers if isinstance(source, str) else 1)
@@ -475,7 +505,8 @@ def _load_container(
     else:
         thread_count = num_threads or max(1, _cpu_count() // len(parts))
     frames = _decode_wanted(
-        reader, number, index, wanted, parts, thread_count, notes, progress, max_longer_edge, rotation, pin_memory
+        reader, number, index, wanted, parts, thread_count, notes, progress, max_longer_edge, rotation, pin_memory,
+        listener,
     )
     stats = {
         "decoded_frames": sum(part.stats["decoded_frames"] for part in parts),
@@ -486,7 +517,7 @@ def _load_container(
     _log_notes(notes)
     return LoadedVideo(
         frames=frames,
-        real_fps=len(wanted) / duration if duration > 0 else fps,
+        real_fps=real_fps,
         duration=duration,
         frame_indices=wanted,
         source_fps=source_fps,
@@ -555,7 +586,8 @@ def _plan_parts(targets: list[int], index: _StreamIndex, num_workers: int | None
 
 
 def _decode_wanted(
-    reader, number, index, wanted, parts, thread_count, notes, progress, max_longer_edge, rotation, pin_memory
+    reader, number, index, wanted, parts, thread_count, notes, progress, max_longer_edge, rotation, pin_memory,
+    listener=None,
 ) -> torch.Tensor:
     """Decode the frames at presentation indices `wanted` (sorted, repeats allowed), a thread per part."""
     slots: dict[int, list[int]] = {}
@@ -566,7 +598,7 @@ def _decode_wanted(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(slots), desc="decoding", unit="frame")
-    store = _FrameStore(len(wanted), reader.name, max_longer_edge, rotation, pin_memory, bar)
+    store = _FrameStore(len(wanted), reader.name, max_longer_edge, rotation, pin_memory, bar, listener)
     # The number of the first part that failed: the parts after it stop at their next target (one
     # decoder would never get there); those before it go on, as they may fail earlier in the file.
     first_failed = [len(parts)]
@@ -750,8 +782,10 @@ class _FrameStore:
 
     STAGING_FRAMES = 32
 
-    def __init__(self, count, name, max_longer_edge, stream_rotation, pin_memory=False, bar=None):
+    def __init__(self, count, name, max_longer_edge, stream_rotation, pin_memory=False, bar=None, listener=None):
         self.count = count
+        self.listener = listener  # listener(frames, slots) after slots were written
+        self.view: torch.Tensor | None = None  # the buffer as a tensor (shares its memory)
         self.pin_memory = pin_memory
         self.tensor: torch.Tensor | None = None  # owns the buffer's memory when it is pinned
         self.name = name
@@ -811,6 +845,7 @@ class _FrameStore:
                     self.buffer = self.tensor.numpy()
                 else:
                     self.buffer = np.empty((self.count, *image.shape), dtype=np.uint8)
+                self.view = self.tensor if self.tensor is not None else torch.from_numpy(self.buffer)
             other_size = image.shape != self.buffer.shape[1:]
             if other_size and not self.size_warned:
                 notes.append(
@@ -825,6 +860,8 @@ class _FrameStore:
             image = resize_frames(chw, tuple(self.buffer.shape[1:3]))[0].permute(1, 2, 0).numpy()
         for slot in slots:
             self.buffer[slot] = image  # slots of one source frame belong to one part: no lock needed
+        if self.listener is not None:
+            self.listener(self.view, list(slots))
 
     def finish(self, wanted: list[int], notes: list[str]) -> torch.Tensor:
         if self.buffer is None or not self.decoded:
@@ -832,11 +869,15 @@ class _FrameStore:
         missing = sorted({i for i in wanted if i not in self.decoded})
         if missing:
             have = sorted(self.decoded)
+            repaired = []
             for i in missing:
                 nearest = have[max(bisect.bisect_right(have, i) - 1, 0)]
                 for slot, j in enumerate(wanted):
                     if j == i:
                         self.buffer[slot] = self.buffer[self.decoded[nearest]]
+                        repaired.append(slot)
+            if self.listener is not None:
+                self.listener(self.view, repaired)
             shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
             notes.append(
                 f"{self.name}: {len(missing)} sampled frame(s) could not be decoded ({shown}); "

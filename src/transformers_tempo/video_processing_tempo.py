@@ -354,6 +354,19 @@ class TempoVideoProcessor(VideoProcessorMixin):
             max_ratio=self.max_aspect_ratio,
         )
 
+    def segment_grids(
+        self, num_frames: int, height: int, width: int, frames_per_segment: int | None = None
+    ) -> torch.Tensor:
+        """The `video_grid_thw` that `process_video` gives for `num_frames` sampled frames of
+        height x width, without any pixels: one row (t, h/16, w/16) per segment."""
+        per_segment = int(frames_per_segment or self.frames_per_segment)
+        rows = []
+        for segment in segment_frames(num_frames, per_segment):
+            size_c = self.frame_sizes(height, width, num_frames=len(segment.frames))[2]
+            t = len(segment.frames) // self.temporal_patch_size
+            rows.append([t, size_c[0] // self.patch_size, size_c[1] // self.patch_size])
+        return torch.tensor(rows, dtype=torch.long)
+
     # -- videos --------------------------------------------------------------------------
 
     def process_video(

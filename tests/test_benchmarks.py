@@ -1,0 +1,57 @@
+"""The benchmarks' --tiny modes run the GPU benchmarks' own code on the CPU, so it cannot rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(script: str, *args: str, cwd: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_bench_e2e_tiny_with_a_file_answered_plain_and_streamed(tmp_path):
+    out = tmp_path / "results"
+    run(
+        "bench_e2e.py", "--tiny", "--frames", "16", "--long-video-minutes", "0.25", "--stream",
+        "--decode-modes", "static", "--out", str(out), "--commit", "test", cwd=tmp_path,
+    )
+    (result,) = out.glob("e2e-tiny-*.json")
+    results = json.loads(result.read_text())
+    assert results["commit"] == "test" and results["budget"] == 64
+    (row,) = results["workloads"]
+    assert row["frames"] == 16 and row["segments"] == 2 and row["visual_tokens"] <= 64
+    assert 0 < row["time_to_first_token_s"] <= row["end_to_end_s"]
+    (file_row,) = results["files"]
+    assert file_row["frames"] == 40  # 15 s asked, whole 10 s clips written: 20 s at 2 fps
+    (streamed,) = file_row["stream"]
+    assert streamed["segments"] == 5 and 0 <= streamed["compressed_while_decoding"] <= 5
+    assert streamed["after_last_frame_s"] <= streamed["file_to_answer_s"]
+    assert abs(streamed["decode_s"] + streamed["after_last_frame_s"] - streamed["file_to_answer_s"]) < 1e-6
+    table = result.with_suffix(".md").read_text()
+    assert "| 16 |" in table and "Streamed (compressor working while the file decodes), run 1" in table
+
+
+def test_bench_decode_attention_tiny_formulations_agree(tmp_path):
+    path = tmp_path / "attention.json"
+    run("bench_decode_attention.py", "--tiny", "--out", str(path), cwd=tmp_path)
+    kernels = {k["variant"]: k for k in json.loads(path.read_text())["kernels"]}
+    assert {"stock", "gqa_sdpa", "tempo_decode"} <= set(kernels)
+    for kernel in kernels.values():  # every formulation computes the float32 reference's attention
+        assert kernel["max_abs_err_vs_fp32"] < 1e-4 and kernel["us_per_call"] > 0
+
+
+def test_bench_batch_tiny_answers_every_video(tmp_path):
+    path = tmp_path / "batch.json"
+    run("bench_batch.py", "--tiny", "--videos", "6", "--out", str(path), cwd=tmp_path)
+    summary = json.loads(path.read_text())["summary"]
+    assert (summary["items"], summary["answered"], summary["failed"], summary["missing"]) == (6, 6, 0, 0)
+    assert summary["videos_per_s"] > 0

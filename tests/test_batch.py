@@ -181,7 +181,9 @@ def test_accelerate_launch_two_processes(model_dir, video_dir, vqa, tmp_path):
         "-m", "transformers_tempo.cli", "batch", "--input", str(source), "--output", str(output),
         "--model", str(model_dir), "--max-new-tokens", str(NEW_TOKENS), "--json",
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    # two CPU processes, also on a machine with one GPU (its second process would find no GPU)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout[result.stdout.index("{") :])
     assert summary["processes"] == 2 and summary["answered"] == 4 and summary["items"] == 4
@@ -439,7 +441,10 @@ def test_device_maps_on_cpu_give_the_plain_model_outputs(model_dir, model_inputs
     plain = model_outputs(AutoModel.from_pretrained(model_dir), model_inputs)
     cpu_map = {name: "cpu" for name in SPLIT_MAP}
     assert_same_outputs(model_outputs(AutoModel.from_pretrained(model_dir, device_map=cpu_map), model_inputs), plain)
-    assert_same_outputs(model_outputs(AutoModel.from_pretrained(model_dir, device_map="auto"), model_inputs), plain)
+    # accelerate's planner, kept to the CPU (on a GPU machine it would place everything on the GPU)
+    auto = AutoModel.from_pretrained(model_dir, device_map="auto", max_memory={"cpu": "4GiB"})
+    assert {p.device.type for p in auto.parameters()} == {"cpu"}
+    assert_same_outputs(model_outputs(auto, model_inputs), plain)
     # accelerate's hooks on every part (as with several devices), and the decoder's weights offloaded to disk
     hooked = dispatch_model(AutoModel.from_pretrained(model_dir), device_map=cpu_map, force_hooks=True)
     assert hasattr(hooked.model.projector, "_hf_hook")
@@ -474,6 +479,18 @@ def test_ask_with_a_device_map(model_dir, video_dir, vqa, capsys):
     assert (result["answer"], result["visual_tokens"]) == (expected["answer"], expected["visual_tokens"])
     assert main([*args, "--device", "cpu"]) == 2
     assert "give --device or --device-map, not both" in capsys.readouterr().err
+
+
+def test_more_processes_than_gpus_is_a_usage_error(model_dir, video_dir, tmp_path, monkeypatch, capsys):
+    # a second process (LOCAL_RANK=1) on a machine with one GPU: said plainly, before any work
+    source = write_jsonl(tmp_path / "items.jsonl", make_items(2))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    args = ["batch", "--input", str(source), "--output", str(tmp_path / "out.jsonl"), "--model", str(model_dir)]
+    assert main(args) == 2
+    assert "process 1 of this machine has no GPU of its own (1 visible)" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 @pytest.mark.gpu

@@ -391,8 +391,11 @@ print("remote ok")
 def test_trust_remote_code_loads_without_the_package(converted, tmp_path):
     script = tmp_path / "remote.py"
     script.write_text(REMOTE_SCRIPT)
+    # PYTHONPATH without this repository's src (other entries, such as a newer transformers, stay)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.realpath(p) != os.path.realpath(src)]
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": ""}
+           "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": os.pathsep.join(kept)}
     result = tmp_path / "result.pt"
     run = subprocess.run([sys.executable, str(script), str(converted.out), str(result)], capture_output=True,
                          text=True, env=env, cwd=tmp_path, timeout=300)

@@ -54,9 +54,11 @@ def test_single_answer_and_facts_match_the_model(vqa, videos):
     # the same allocation as the model computes from the processor's inputs
     inputs = vqa.processor(text="What colour is the video?", videos=str(videos[1]), return_tensors="pt")
     with torch.no_grad():
-        model_out = vqa.model(**inputs)
+        model_out = vqa.model(**inputs.to(vqa.model.device))  # the pipeline's device: a GPU where there is one
     assert [d["kept_tokens"] for d in details] == model_out.token_allocation.tolist()
-    assert [d["relevance"] for d in details] == pytest.approx(model_out.relevance_scores.tolist())
+    # on a GPU the pipeline resizes frames there (float path), the processor above on the CPU
+    tolerance = 1e-6 if vqa.model.device.type == "cpu" else 1e-3
+    assert [d["relevance"] for d in details] == pytest.approx(model_out.relevance_scores.tolist(), abs=tolerance)
 
 
 def test_batched_equals_one_by_one(vqa, videos):

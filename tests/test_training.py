@@ -72,7 +72,7 @@ def logged_losses(trainer):
 
 
 def answer_of(model, processor, frames):
-    inputs = processor(text=QUESTION, videos=frames, video_metadata={"fps": 2.0})
+    inputs = processor(text=QUESTION, videos=frames, video_metadata={"fps": 2.0}).to(model.device)
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     return processor.decode(ids[0], skip_special_tokens=True).strip()
@@ -241,8 +241,9 @@ def test_trainer_overfits_answers_that_depend_on_the_video(trained, processor, c
 def test_save_pretrained_after_training_reproduces_logits(trained, processor, colour_examples, tmp_path):
     model = trained.model.eval()
     trained.save_model(str(tmp_path))
-    loaded = AutoModel.from_pretrained(tmp_path).eval()
-    batch = TempoDataCollator(processor)(colour_examples[:2])
+    # the Trainer put the model on the GPU where there is one; compare there
+    loaded = AutoModel.from_pretrained(tmp_path).to(model.device).eval()
+    batch = TempoDataCollator(processor)(colour_examples[:2]).to(model.device)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
     fresh = build_tiny_model(processor.tokenizer)
@@ -281,7 +282,7 @@ def test_lora_adapter_trains_saves_and_reloads(tokenizer, processor, colour_exam
     assert not (tmp_path / "adapter" / "model.safetensors").exists()
     reloaded = peft.PeftModel.from_pretrained(build_tiny_model(tokenizer), tmp_path / "adapter").eval()
     batch = TempoDataCollator(processor)(colour_examples[:2])
-    model.eval()
+    model.cpu().eval()  # the Trainer put it on the GPU where there is one; the reloaded copy is on the CPU
     with torch.no_grad():
         logits = model(**batch).logits
         assert torch.equal(logits, reloaded(**batch).logits)

@@ -499,6 +499,12 @@ def run_batch(args) -> int:
         raise UsageError("give --device or --device-map, not both")
     # Several CPU processes need accelerate's CPU mode (gloo); on a GPU machine each process takes its GPU.
     cpu = (args.device or "").startswith("cpu") or not torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not cpu and local_rank >= torch.cuda.device_count():
+        raise UsageError(
+            f"process {local_rank} of this machine has no GPU of its own ({torch.cuda.device_count()} visible): "
+            "launch at most one process per GPU, or pass --device cpu"
+        )
     state = PartialState(cpu=cpu)
     if state.num_processes > 1 and (device_map is not None or (args.device and not cpu)):
         raise UsageError(

@@ -770,7 +770,9 @@ def _concat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     if len(tensors) == 1:
         return tensors[0]
     first = tensors[0]
-    pinned = first.device.type == "cpu" and all(t.is_pinned() for t in tensors)
+    # Only a process that initialised CUDA can hold pinned memory; asking anywhere else initialises
+    # CUDA, which fails in a forked DataLoader worker.
+    pinned = first.device.type == "cpu" and torch.cuda.is_initialized() and all(t.is_pinned() for t in tensors)
     out = torch.empty(
         (sum(t.shape[0] for t in tensors), *first.shape[1:]), dtype=first.dtype, device=first.device, pin_memory=pinned
     )

@@ -94,6 +94,35 @@ def test_bad_video_names_the_item(vqa, videos, tmp_path):
         vqa(video=[str(videos[0]), str(missing)], question=["a", "b"], max_new_tokens=2)
 
 
+def test_streamed_answers_equal_the_plain_ones(vqa, videos, monkeypatch):
+    from transformers_tempo import pipeline_tempo
+
+    calls = []
+    real = pipeline_tempo.compress_streaming
+    monkeypatch.setattr(pipeline_tempo, "compress_streaming", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    path = str(videos[1])
+    options = {"question": "What happens?", "visual_token_budget": 40, "max_new_tokens": 4, "num_workers": 2}
+    plain = vqa(video=path, stream=False, **options)
+    assert calls == []
+    automatic = vqa(video=path, **options)  # stream=None: only on a GPU
+    assert calls == ([path] if vqa.model.device.type == "cuda" else [])
+    streamed = vqa(video=path, stream=True, **options)
+    assert calls[-1] == path
+    for result in (automatic, streamed):
+        assert result["answer"] == plain["answer"] and result["visual_tokens"] == plain["visual_tokens"] <= 40
+        assert [d["kept_tokens"] for d in result["segment_details"]] == [d["kept_tokens"] for d in plain["segment_details"]]
+        assert [d["relevance"] for d in result["segment_details"]] == pytest.approx(
+            [d["relevance"] for d in plain["segment_details"]], abs=1e-5
+        )
+    assert streamed["timings"]["decode"] > 0 and streamed["timings"]["preprocess"] == 0
+    # a batch of several is answered the plain way even when asked to stream; errors name the item
+    with pytest.raises(ValueError, match=r"video 0: .*nope\.mp4"):
+        vqa(video=str(videos[0]).replace("short", "nope"), question="a", stream=True)
+    before = len(calls)
+    batched = vqa(video=[path, path], question=["What happens?"] * 2, batch_size=2, stream=True, max_new_tokens=2)
+    assert len(batched) == 2 and len(calls) == before
+
+
 # ---------------------------------------------------------------------------- the `tempo` command
 def tempo(*args, cache):
     env = {**os.environ, "TEMPO_CACHE": str(cache)}

@@ -247,7 +247,7 @@ def test_save_pretrained_after_training_reproduces_logits(trained, processor, co
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
     fresh = build_tiny_model(processor.tokenizer)
-    assert not torch.equal(fresh.model.projector.linear_1.weight, loaded.model.projector.linear_1.weight)
+    assert not torch.equal(fresh.model.projector.linear_1.weight, loaded.model.projector.linear_1.weight.cpu())
 
 
 def test_lora_adapter_trains_saves_and_reloads(tokenizer, processor, colour_examples, tmp_path):
@@ -274,7 +274,7 @@ def test_lora_adapter_trains_saves_and_reloads(tokenizer, processor, colour_exam
                       activation_checkpointing_kwargs={"use_reentrant": True})
     trainer = Trainer(model=model, args=args, train_dataset=colour_examples, data_collator=TempoDataCollator(processor))
     trainer.train()
-    unchanged = [n for n, p in model.named_parameters() if n in lora and torch.equal(p, lora[n])]
+    unchanged = [n for n, p in model.named_parameters() if n in lora and torch.equal(p.cpu(), lora[n])]
     assert unchanged == []
 
     trainer.save_model(str(tmp_path / "adapter"))

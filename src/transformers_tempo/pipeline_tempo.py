@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 from transformers import BatchFeature, Pipeline
 
+from .streaming import compress_streaming
 from .video_loading import LoadedVideo, load_video
 
 PIXEL_KEYS = ("pixel_values_videos", "pixel_values")
@@ -77,6 +79,10 @@ class VideoQuestionAnsweringPipeline(Pipeline):
     ```
     Videos may be paths, bytes, file objects or frame arrays (give `video_metadata={"fps": ...}` with
     frames). Lists of videos and questions are answered in batches of `batch_size` through the model.
+
+    `stream=True` compresses a video's segments while the file is still decoding
+    (`streaming.compress_streaming`; same answer, the GPU work hidden behind decoding). The default,
+    `stream=None`, does so for video files answered one at a time on a GPU.
     """
 
     _load_processor = True
@@ -99,7 +105,7 @@ class VideoQuestionAnsweringPipeline(Pipeline):
         forward["generate_kwargs"] = kwargs.pop("generate_kwargs", {}) | kwargs
         return preprocess, forward, {}
 
-    def __call__(self, video=None, question=None, batch_size: int | None = None, **kwargs):
+    def __call__(self, video=None, question=None, batch_size: int | None = None, stream: bool | None = None, **kwargs):
         """`vqa(video=..., question=...)` -> dict; lists (or a list of {"video", "question"} dicts) -> list."""
         single = isinstance(video, LoadedVideo) or not isinstance(video, (list, tuple)) or _is_frame_list(video)
         if isinstance(video, (list, tuple)) and video and isinstance(video[0], dict):
@@ -117,7 +123,10 @@ class VideoQuestionAnsweringPipeline(Pipeline):
         results = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            model_inputs = self.preprocess(chunk, offset=start, **preprocess_params)
+            if self._streams(chunk, stream):
+                model_inputs = self.preprocess_streaming(chunk[0], offset=start, **preprocess_params)
+            else:
+                model_inputs = self.preprocess(chunk, offset=start, **preprocess_params)
             outputs = self._forward(model_inputs, **forward_params)
             results.extend(self.postprocess(outputs))
         return results[0] if single else results
@@ -163,6 +172,38 @@ class VideoQuestionAnsweringPipeline(Pipeline):
         times.preprocess = _sync(self.device) - t0
         return {"inputs": inputs, "videos": videos, "times": times}
 
+    def _streams(self, chunk: list[dict], stream: bool | None) -> bool:
+        """Whether to decode and compress this chunk together (see the class docstring)."""
+        if stream is False or len(chunk) != 1 or chunk[0].get("video") is None:
+            return False
+        video = chunk[0]["video"]
+        if isinstance(video, LoadedVideo):
+            return False  # decoded already: nothing to overlap
+        if stream is None:
+            return torch.device(self.device).type == "cuda" and isinstance(video, (str, os.PathLike))
+        return True
+
+    def preprocess_streaming(self, item, offset: int = 0, video_metadata=None, progress: bool = False, **load_options):
+        """Decode one video and compress its segments as they arrive: what `preprocess` + the
+        compressor in `_forward` do, overlapped. Times: `decode` is the whole decoding, `compress`
+        the compression left after the last frame (the rest ran during decoding)."""
+        times = StageTimes()
+        t0 = time.perf_counter()
+        try:
+            streamed = compress_streaming(
+                self.model,
+                self.processor,
+                item["video"],
+                item.get("question") or "",
+                video_metadata=item.get("video_metadata", video_metadata),
+                **load_options,
+            )
+        except ValueError as err:
+            raise ValueError(f"video {offset}: {err}") from err
+        times.decode = streamed.stats["decode_s"]
+        times.compress = _sync(self.device) - t0 - times.decode
+        return {"inputs": streamed.inputs, "videos": [streamed.video], "times": times, "compressed": streamed.compressed}
+
     def _forward(self, model_inputs, generate_kwargs=None, progress: bool = False, **ata_options):
         inputs, times = model_inputs["inputs"], model_inputs["times"]
         model_keys = {k: v for k, v in inputs.items() if k not in ATA_CALL_OPTIONS}
@@ -172,13 +213,17 @@ class VideoQuestionAnsweringPipeline(Pipeline):
         generate_kwargs = dict(generate_kwargs or {})
         if "generation_config" not in generate_kwargs and getattr(self, "generation_config", None) is not None:
             generate_kwargs["generation_config"] = self.generation_config
+        compressed = model_inputs.get("compressed")  # already done while decoding (preprocess_streaming)
         t0 = _sync(self.device)
         with torch.inference_mode():
-            prepared = self.model.prepare_generation_inputs(**model_keys, progress=progress, **ata_options)
+            prepared = self.model.prepare_generation_inputs(
+                **model_keys, compressed=compressed, progress=progress, **ata_options
+            )
             t1 = _sync(self.device)
             output = self.model.generate(decoder_inputs=prepared, return_dict_in_generate=True, **generate_kwargs)
         t2 = _sync(self.device)
-        times.compress, times.answer = t1 - t0, t2 - t1
+        times.compress += t1 - t0
+        times.answer = t2 - t1
         return {"output": output, "prepared": prepared, **model_keys, "videos": model_inputs["videos"], "times": times}
 
     def postprocess(self, model_outputs):

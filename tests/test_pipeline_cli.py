@@ -173,6 +173,25 @@ def test_tempo_ask_missing_and_corrupt_files_exit_2(cache, model_dir, tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1
 
 
+def test_tempo_ask_stream_gives_the_same_answer_and_names_bad_files(model_dir, videos, tmp_path, capsys):
+    from transformers_tempo.cli import main
+
+    args = ["ask", str(videos[1]), "What happens?", "--model", str(model_dir), "--json", "--budget", "30",
+            "--max-new-tokens", "3"]  # fmt: skip
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*args, "--stream"]) == 0
+    streamed = json.loads(capsys.readouterr().out)
+    for key in ("answer", "segments", "visual_tokens", "sampled_frames"):
+        assert streamed[key] == plain[key], key
+    assert streamed["timings"]["decode"] > 0 and set(streamed["timings"]) == set(plain["timings"])
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
+    assert main(["ask", str(corrupt), "q", "--model", str(model_dir), "--stream"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "corrupt.mp4" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
 def test_tempo_bad_arguments_exit_2(cache, model_dir, videos):
     result = tempo("ask", str(videos[0]), "q", "--model", str(model_dir), "--budget", "0", cache=cache)
     assert result.returncode == 2 and "--budget" in result.stderr

@@ -120,17 +120,24 @@ def cmd_ask(args) -> int:
     video = Path(args.video)
     if not video.exists():
         raise UsageError(f"{video}: no such file")
-    # Decode first: a bad video fails fast, before the model is loaded.
     load_options = {k: v for k, v in (("fps", args.fps), ("max_frames", args.max_frames)) if v is not None}
     show_progress = sys.stdout.isatty() and not args.json  # tqdm bars only on a terminal, never with --json
-    t0 = time.perf_counter()
-    try:
-        loaded = load_video(video, progress=show_progress, **load_options)
-    except VideoLoadError as err:
-        raise UsageError(str(err)) from err
-    decode_s = time.perf_counter() - t0
-    vqa = load_pipeline(model, args.device, args.dtype, device_map, compile_compressor=args.compile)
-    call = {"max_new_tokens": args.max_new_tokens, "progress": show_progress}
+    if args.stream:
+        # The model first, then decoding and compression together (a bad video is found after the load).
+        vqa = load_pipeline(model, args.device, args.dtype, device_map, compile_compressor=args.compile)
+        loaded, decode_s = str(video), None
+        call = {"stream": True, **load_options}
+    else:
+        # Decode first: a bad video fails fast, before the model is loaded.
+        t0 = time.perf_counter()
+        try:
+            loaded = load_video(video, progress=show_progress, **load_options)
+        except VideoLoadError as err:
+            raise UsageError(str(err)) from err
+        decode_s = time.perf_counter() - t0
+        vqa = load_pipeline(model, args.device, args.dtype, device_map, compile_compressor=args.compile)
+        call = {}
+    call.update(max_new_tokens=args.max_new_tokens, progress=show_progress)
     if args.min_new_tokens:
         call["min_new_tokens"] = min(args.min_new_tokens, args.max_new_tokens)
     if args.temperature:
@@ -142,8 +149,17 @@ def cmd_ask(args) -> int:
         call["visual_token_budget"] = args.budget
     if args.no_ata:
         call["use_ata"] = False
-    result = vqa(video=loaded, question=args.question, **call)
-    result["timings"]["decode"] = decode_s
+    try:
+        result = vqa(video=loaded, question=args.question, **call)
+    except ValueError as err:  # streaming reads the video inside the call
+        cause = err
+        while cause is not None and not isinstance(cause, VideoLoadError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise UsageError(str(cause)) from err
+    if decode_s is not None:
+        result["timings"]["decode"] = decode_s
     result = {"video": str(video), "question": args.question, "model": model, **result}
     if args.plot:
         plot_allocation(result, args.plot)
@@ -252,6 +268,12 @@ def add_ask_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="write the token allocation picture")
     p.add_argument("--quiet-summary", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="compress the video's segments while the file is still decoding (same answer; saves the "
+        "compressor's time on long files); the model is loaded before the video is read",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

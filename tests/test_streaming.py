@@ -9,7 +9,7 @@ import torch
 
 from transformers_tempo import TempoProcessor, TempoVideoProcessor, streaming
 from transformers_tempo.processing_tempo import PendingVideo
-from transformers_tempo.synthetic import decode_frame_index, write_test_video
+from transformers_tempo.synthetic import decode_frame_index, write_damaged_copy, write_test_video
 from transformers_tempo.video_loading import FramesReady, VideoLoadError, load_video
 
 QUESTION = "What colour is the square?"
@@ -133,11 +133,7 @@ def test_damaged_file_streams_to_the_plain_result(tiny_model, processor, tmp_pat
     # Zeroed packets a third of the way in: decoding stops there; later ranges are dropped and
     # their frames replaced by the last good one, after some may have been compressed.
     path = write_test_video(tmp_path / "clip.mp4", num_frames=360, fps=30, width=64, height=48, gop=12)
-    data = bytearray(path.read_bytes())
-    at = int(len(data) * 0.3)
-    data[at : at + 400] = bytes(400)
-    broken = tmp_path / "broken.mp4"
-    broken.write_bytes(bytes(data))
+    broken = write_damaged_copy(path, tmp_path / "broken.mp4")
     inputs, compressed = plain(tiny_model, processor, str(broken))
     streamed = streaming.compress_streaming(
         tiny_model, processor, str(broken), QUESTION, compressor_batch_size=1, num_workers=3

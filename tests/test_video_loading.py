@@ -13,6 +13,7 @@ from transformers_tempo.synthetic import (
     decode_frame_index,
     encoder_available,
     make_frames,
+    write_damaged_copy,
     write_long_video,
     write_test_video,
 )
@@ -500,11 +501,8 @@ def test_parallel_decoding_of_damaged_files_matches_one_worker(tmp_path):
     # zeroed packet data a third of the way in: one decoder stops there for good, and so do
     # several (the ranges after the failing one are dropped and repaired like any missing frame)
     path = write_test_video(tmp_path / "clip.mp4", num_frames=360, fps=30, width=64, height=48, gop=12)
-    data = bytearray(path.read_bytes())
-    at = int(len(data) * 0.3)
-    data[at : at + 400] = bytes(400)
-    broken = tmp_path / "broken.mp4"
-    broken.write_bytes(bytes(data))
+    broken = write_damaged_copy(path, tmp_path / "broken.mp4")
+    data = broken.read_bytes()
     one = load_video(broken, num_workers=1)
     assert any("decoding stopped" in w for w in one.warnings)
     assert any("could not be decoded" in w for w in one.warnings)

@@ -39,6 +39,7 @@ __all__ = [
     "index_color",
     "index_pattern",
     "make_frames",
+    "write_damaged_copy",
     "write_test_video",
 ]
 
@@ -309,3 +310,13 @@ def write_long_video(
                 packet.pts, packet.dts = packet.pts - shift, packet.dts - shift
     clip.unlink()
     return path
+
+
+def write_damaged_copy(path: str | os.PathLike, out: str | os.PathLike, at: float = 0.3, length: int = 400) -> Path:
+    """Copy `path` to `out` with `length` bytes zeroed `at` (a fraction) of the way in: packets there
+    no longer decode, so a decoder stops early and the frames after it are missing."""
+    data = bytearray(Path(path).read_bytes())
+    start = int(len(data) * at)
+    data[start : start + length] = bytes(length)
+    Path(out).write_bytes(bytes(data))
+    return Path(out)

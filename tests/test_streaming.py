@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -161,6 +162,41 @@ def test_unreadable_videos_raise_and_leave_no_thread(tiny_model, processor, tmp_
             streaming.compress_streaming(tiny_model, processor, str(bad), QUESTION)
         assert isinstance(info.value.__cause__, VideoLoadError)
         assert threading.active_count() == before
+
+
+def test_a_failure_while_compressing_stops_the_decoders(tiny_model, processor, clip, monkeypatch):
+    failed = threading.Event()
+
+    def failing_compress(self, *args, **kwargs):
+        failed.set()
+        raise RuntimeError("out of memory, say")
+
+    real_load = streaming.load_video
+    outcome = {"frames": 0}
+
+    def held_load(video, on_frames=None, **kwargs):
+        def report(event):  # after the first segment, wait until the compressor has failed
+            on_frames(event)
+            outcome["frames"] += len(event.slots)
+            if outcome["frames"] == 8:
+                failed.wait(timeout=60)
+                time.sleep(0.5)  # the caller's thread marks the stream cancelled as the error passes
+
+        try:
+            return real_load(video, on_frames=report, **kwargs)
+        except BaseException as error:
+            outcome["error"] = error
+            raise
+
+    monkeypatch.setattr(type(tiny_model), "compress", failing_compress)
+    monkeypatch.setattr(streaming, "load_video", held_load)
+    with pytest.raises(RuntimeError, match="out of memory, say"):
+        streaming.compress_streaming(tiny_model, processor, str(clip), QUESTION, compressor_batch_size=1, num_workers=1)
+    for thread in threading.enumerate():
+        if thread.name == "tempo-stream-decode":
+            thread.join(timeout=30)
+    assert isinstance(outcome.get("error"), streaming._Cancelled)
+    assert outcome["frames"] == 8  # the decoder stopped at the next frame of the 24
 
 
 def test_on_frames_reports_every_slot_with_its_final_content(clip):

@@ -59,6 +59,11 @@ class StreamedVideo:
 class _Finished:
     video: LoadedVideo | None = None
     error: BaseException | None = None
+    at: float = 0.0  # time.perf_counter() when decoding ended
+
+
+class _Cancelled(Exception):
+    """Raised in the decoding threads when the caller's side failed: no point decoding on."""
 
 
 def compress_streaming(
@@ -95,34 +100,44 @@ def compress_streaming(
     per_segment = vp.frames_per_segment
 
     events: queue.Queue = queue.Queue()
+    cancelled = threading.Event()
 
-    def decode():
+    def report(frames_ready: FramesReady) -> None:  # runs in the decoding threads
+        if cancelled.is_set():
+            raise _Cancelled()
+        events.put(frames_ready)
+
+    def decode() -> None:
         try:
             loaded = load_video(
-                video, video_metadata=video_metadata, on_frames=events.put, pin_memory=device.type == "cuda", **options
+                video, video_metadata=video_metadata, on_frames=report, pin_memory=device.type == "cuda", **options
             )
-            events.put(_Finished(video=loaded))
+            events.put(_Finished(video=loaded, at=time.perf_counter()))
         except BaseException as error:  # handed to the caller's thread
-            events.put(_Finished(error=error))
+            events.put(_Finished(error=error, at=time.perf_counter()))
 
     start = time.perf_counter()
     thread = threading.Thread(target=decode, name="tempo-stream-decode", daemon=True)
     thread.start()
 
     state = None
-    while True:
-        event = events.get()
-        if isinstance(event, _Finished):
-            break
-        if state is None:
-            state = _Segments(model, processor, question, event, chunk, per_segment, device)
-        state.frames_written(event.slots)
-        while len(state.ready) >= chunk:
-            state.compress(sorted(state.ready)[:chunk])
+    try:
+        while True:
+            event = events.get()
+            if isinstance(event, _Finished):
+                break
+            if state is None:
+                state = _Segments(model, processor, question, event, chunk, per_segment, device)
+            state.frames_written(event.slots)
+            while len(state.ready) >= chunk:
+                state.compress(sorted(state.ready)[:chunk])
+    except BaseException:
+        cancelled.set()  # the decoders stop at their next frame
+        raise
     thread.join()
     if event.error is not None:
         raise ValueError(f"could not read the video: {event.error}") from event.error
-    decode_s = time.perf_counter() - start
+    decode_s = event.at - start
     if state is None:  # pragma: no cover - load_video reports every frame it returns
         raise RuntimeError("the video decoded without reporting its frames")
     while_decoding = state.done_count

@@ -483,8 +483,9 @@ def main(argv=None):
                    help="also decode through Tempo's own forward (the path before the plain Qwen3 view)")
     p.add_argument("--profile-decode", action="store_true", help="profile static-cache decoding at the --profile size")
     p.add_argument("--compile-compressor", action="store_true", help="torch.compile the compressor layers first")
-    p.add_argument("--compile-dynamic", action="store_true",
-                   help="with --compile-compressor: compile for any row length and chunk size from the start")
+    p.add_argument("--compile-static-shapes", action="store_true",
+                   help="with --compile-compressor: specialise on the first shapes (torch.compile's default; "
+                   "a new row length recompiles) instead of compiling for any shape")
     p.add_argument("--compare-eager", action="store_true", help="with --compile-compressor: time the eager compressor first")
     p.add_argument("--compare-stock", action="store_true", help="also time the compressor with the stock code paths")
     p.add_argument("--profile", type=int, default=None, metavar="FRAMES",
@@ -517,7 +518,7 @@ def main(argv=None):
                 eager_compressor[n] = compressor_seconds(model, processor, n, args, device)
             if args.flops:
                 args.eager_flops[n] = compressor_seconds(model, processor, n, args, device, count_flops=True)
-        model.model.compile_compressor(**({"dynamic": True} if args.compile_dynamic else {}))
+        model.model.compile_compressor(**({"dynamic": None} if args.compile_static_shapes else {}))
         for n in frames_list:  # compile for every shape before timing (automatic dynamic shapes settle)
             compressor_seconds(model, processor, n, args, device, repeats=1)
     try:

@@ -190,6 +190,32 @@ def test_compiled_compressor_equals_eager(tiny_model, hand_inputs):
     torch.testing.assert_close(got.relevance_scores, expected.relevance_scores, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dynamic", [True, None])
+def test_compiled_compressor_takes_new_row_lengths_without_recompiling(tiny_model, hand_inputs, dynamic):
+    graphs = []
+
+    def counting_backend(gm, example_inputs):  # called once per compilation
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = copy.deepcopy(tiny_model)
+    torch._dynamo.reset()
+    compiled.model.compile_compressor(backend=counting_backend, **({} if dynamic else {"dynamic": None}))
+    first, other = hand_inputs([2, 1], grid=(4, 4, 6), seed=5), hand_inputs([3], grid=(2, 6, 6), seed=6)
+    assert first.model_inputs()["compressor_input_ids"].shape[1] != other.model_inputs()["compressor_input_ids"].shape[1]
+    compress(compiled, first)
+    compiled_once = len(graphs)
+    assert compiled_once >= 2  # vision blocks and text layers
+    got = compress(compiled, other)  # longer rows, more patches, another batch size
+    if dynamic:  # the default
+        assert len(graphs) == compiled_once
+        expected = compress(tiny_model, other)
+        torch.testing.assert_close(got.features, expected.features, rtol=1e-4, atol=1e-5)
+    else:  # torch.compile's own default specialises on the first shapes
+        assert len(graphs) > compiled_once
+    torch._dynamo.reset()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_inductor_compiled_compressor_on_gpu_equals_eager(tiny_model, hand_inputs):
     inputs = hand_inputs([3], grid=(4, 4, 6), seed=6)

@@ -165,8 +165,14 @@ class TempoModel(TempoPreTrainedModel):
 
         The compressor runs hundreds of same-shaped segments; compiling fuses the float32 norms,
         rotary embeddings and activations around its matmuls (most of its memory traffic). The
-        first chunks of a new shape pay the compilation. Same function, same weights.
+        first chunks pay the compilation. Same function, same weights.
+
+        Compiled for any shape (`dynamic=True` unless given): a row's length changes with the
+        question and with the digits of the video's timestamps, and code specialised to the first
+        length recompiled for the next one, on the first answer about a new video. Measured on an
+        H100 at 1024 frames: that first answer 7.0 -> 2.2 s, the compressor 1.00-1.02 -> 1.05 s.
         """
+        compile_kwargs.setdefault("dynamic", True)
         for block in self.compressor.visual.blocks:
             block.compile(**compile_kwargs)
         for layer in self.compressor.language_model.layers:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -81,8 +80,10 @@ class VideoQuestionAnsweringPipeline(Pipeline):
     frames). Lists of videos and questions are answered in batches of `batch_size` through the model.
 
     `stream=True` compresses a video's segments while the file is still decoding
-    (`streaming.compress_streaming`; same answer, the GPU work hidden behind decoding). The default,
-    `stream=None`, does so for video files answered one at a time on a GPU.
+    (`streaming.compress_streaming`; same answer, the GPU work hidden behind decoding) when videos
+    are answered one at a time. It is off by default: measured on H100 machines with an hour-long
+    file, it saved 0.6-1.6 s on some and cost 1.2 s on another, and a process's first streamed
+    video decoded 2-8 s slower (benchmarks/results, runs 10, 13, 14).
     """
 
     _load_processor = True
@@ -105,7 +106,7 @@ class VideoQuestionAnsweringPipeline(Pipeline):
         forward["generate_kwargs"] = kwargs.pop("generate_kwargs", {}) | kwargs
         return preprocess, forward, {}
 
-    def __call__(self, video=None, question=None, batch_size: int | None = None, stream: bool | None = None, **kwargs):
+    def __call__(self, video=None, question=None, batch_size: int | None = None, stream: bool = False, **kwargs):
         """`vqa(video=..., question=...)` -> dict; lists (or a list of {"video", "question"} dicts) -> list."""
         single = isinstance(video, LoadedVideo) or not isinstance(video, (list, tuple)) or _is_frame_list(video)
         if isinstance(video, (list, tuple)) and video and isinstance(video[0], dict):
@@ -172,16 +173,12 @@ class VideoQuestionAnsweringPipeline(Pipeline):
         times.preprocess = _sync(self.device) - t0
         return {"inputs": inputs, "videos": videos, "times": times}
 
-    def _streams(self, chunk: list[dict], stream: bool | None) -> bool:
+    @staticmethod
+    def _streams(chunk: list[dict], stream: bool) -> bool:
         """Whether to decode and compress this chunk together (see the class docstring)."""
-        if stream is False or len(chunk) != 1 or chunk[0].get("video") is None:
+        if not stream or len(chunk) != 1 or chunk[0].get("video") is None:
             return False
-        video = chunk[0]["video"]
-        if isinstance(video, LoadedVideo):
-            return False  # decoded already: nothing to overlap
-        if stream is None:
-            return torch.device(self.device).type == "cuda" and isinstance(video, (str, os.PathLike))
-        return True
+        return not isinstance(chunk[0]["video"], LoadedVideo)  # decoded already: nothing to overlap
 
     def preprocess_streaming(self, item, offset: int = 0, video_metadata=None, progress: bool = False, **load_options):
         """Decode one video and compress its segments as they arrive: what `preprocess` + the

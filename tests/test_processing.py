@@ -249,6 +249,33 @@ def test_compressor_rows_equal_transformers_qwen3vl_processor(processor, tokeniz
     )
 
 
+def test_compressor_rows_are_tokenised_as_whole_strings_would_be(processor, tokenizer):
+    pad = "<|video_pad|>"
+    rows = [
+        "<|im_start|>system\nYou compress.<|im_end|>\n<|im_start|>user\n<0.5 seconds><|vision_start|>"
+        + pad * 64 + "<|vision_end|><1234.5 seconds><|vision_start|>" + pad * 3 + "<|vision_end|>"
+        + "\nQuery:\nWhat  happens <|endoftext|> next?  数字<|im_end|>\n<|im_start|>assistant\n",
+        "text only, no special token at all",
+        pad + "starts and ends with specials" + "<|image_pad|>" * 2,
+        "<|im_start|><|im_end|>  \n\n <|vision_start|>x<|vision_end|>",
+    ]
+    expected = tokenizer(rows, add_special_tokens=False)["input_ids"]
+    assert processor._encode_rows(rows) == expected
+    assert processor._encode_rows(rows[::-1]) == expected[::-1]
+
+    class OddTokenizer:  # treats its added tokens otherwise: pieces do not add up to the whole
+        def convert_tokens_to_ids(self, token):
+            return 7
+
+        def __call__(self, texts, add_special_tokens=False):
+            texts = [texts] if isinstance(texts, str) else texts
+            return {"input_ids": [[len(t)] for t in texts]}
+
+    odd = copy.copy(processor)
+    odd.__dict__["tokenizer"] = OddTokenizer()
+    assert odd._encode_rows(rows) == [[len(r)] for r in rows]  # the fallback: whole rows
+
+
 def test_templates_render_the_standard_texts(processor):
     messages = [
         {"role": "system", "content": [{"type": "text", "text": "SYS"}]},

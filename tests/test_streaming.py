@@ -199,6 +199,15 @@ def test_a_failure_while_compressing_stops_the_decoders(tiny_model, processor, c
     assert outcome["frames"] == 8  # the decoder stopped at the next frame of the 24
 
 
+def test_other_errors_in_the_decoding_thread_reach_the_caller_unchanged(tiny_model, processor, clip, monkeypatch):
+    def broken_load(*args, **kwargs):
+        raise MemoryError("no room for the frames")
+
+    monkeypatch.setattr(streaming, "load_video", broken_load)
+    with pytest.raises(MemoryError, match="no room for the frames"):
+        streaming.compress_streaming(tiny_model, processor, str(clip), QUESTION)
+
+
 def test_on_frames_reports_every_slot_with_its_final_content(clip):
     seen = {}
 

@@ -135,8 +135,10 @@ def compress_streaming(
         cancelled.set()  # the decoders stop at their next frame
         raise
     thread.join()
-    if event.error is not None:
+    if isinstance(event.error, (ValueError, OSError)):  # VideoLoadError among them: the video is bad
         raise ValueError(f"could not read the video: {event.error}") from event.error
+    if event.error is not None:
+        raise event.error
     decode_s = event.at - start
     if state is None:  # pragma: no cover - load_video reports every frame it returns
         raise RuntimeError("the video decoded without reporting its frames")

@@ -360,11 +360,15 @@ class TempoVideoProcessor(VideoProcessorMixin):
         """The `video_grid_thw` that `process_video` gives for `num_frames` sampled frames of
         height x width, without any pixels: one row (t, h/16, w/16) per segment."""
         per_segment = int(frames_per_segment or self.frames_per_segment)
+        by_length: dict[int, list[int]] = {}  # at most two segment lengths: full and the last one
         rows = []
         for segment in segment_frames(num_frames, per_segment):
-            size_c = self.frame_sizes(height, width, num_frames=len(segment.frames))[2]
-            t = len(segment.frames) // self.temporal_patch_size
-            rows.append([t, size_c[0] // self.patch_size, size_c[1] // self.patch_size])
+            length = len(segment.frames)
+            if length not in by_length:
+                size_c = self.frame_sizes(height, width, num_frames=length)[2]
+                t = length // self.temporal_patch_size
+                by_length[length] = [t, size_c[0] // self.patch_size, size_c[1] // self.patch_size]
+            rows.append(by_length[length])
         return torch.tensor(rows, dtype=torch.long)
 
     # -- videos --------------------------------------------------------------------------
@@ -423,12 +427,11 @@ class TempoVideoProcessor(VideoProcessorMixin):
 
         # Step (c) depends on the segment length only through max_pixels, which binds only
         # for segments of hundreds of frames; group segments by their resulting size anyway.
+        grid = self.segment_grids(num_frames, height, width, per_segment)
         groups: dict[tuple[int, int], list[int]] = {}
-        for s, segment in enumerate(segments):
-            size_c = self.frame_sizes(height, width, num_frames=len(segment.frames))[2]
-            groups.setdefault(size_c, []).append(s)
+        for s, (_, gh, gw) in enumerate(grid.tolist()):
+            groups.setdefault((gh * self.patch_size, gw * self.patch_size), []).append(s)
 
-        grid = torch.zeros((len(segments), 3), dtype=torch.long)
         patches_by_segment: list[torch.Tensor | None] = [None] * len(segments)
         for size_c, members in groups.items():
             resized = resize_frames(clip, size_c, like_pil=False)
@@ -438,7 +441,6 @@ class TempoVideoProcessor(VideoProcessorMixin):
             offset = 0
             for s in members:
                 t = len(segments[s].frames) // self.temporal_patch_size
-                grid[s] = torch.tensor([t, size_c[0] // self.patch_size, size_c[1] // self.patch_size])
                 patches_by_segment[s] = patches[offset : offset + t * rows_per_frame_pair]
                 offset += t * rows_per_frame_pair
         if len(groups) == 1:

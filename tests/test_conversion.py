@@ -337,7 +337,7 @@ def test_converted_model_forward_generate_and_reload(world, converted, hand_inpu
     torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
     torch.testing.assert_close(out.relevance_scores, ref.relevance_scores, rtol=0, atol=0)
     ids = model.generate(**inputs, max_new_tokens=4)
-    assert ids.shape == (2, 4)
+    assert ids.shape == (2, inputs["input_ids"].shape[1] + 4)
     assert torch.equal(ids, reference.generate(**inputs, max_new_tokens=4, do_sample=False))
 
 

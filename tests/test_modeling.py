@@ -260,17 +260,21 @@ def test_generate_greedy_equals_step_by_step_forward(tiny_model, hand_inputs):
     with torch.no_grad():
         generated = tiny_model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None)
         expected = greedy_by_hand(tiny_model, inputs, 6)
-    assert torch.equal(generated, expected)
+    prompt_length = inputs["input_ids"].shape[1]
+    assert torch.equal(generated[:, :prompt_length], inputs["input_ids"])  # the prompt leads, as in transformers
+    assert torch.equal(generated[:, prompt_length:], expected)
 
 
 def test_sample_alone_equals_sample_in_a_batch(tiny_model, hand_inputs):
     kw = dict(max_new_tokens=5, do_sample=False, eos_token_id=None)
     with torch.no_grad():
-        alone = tiny_model.generate(**hand_inputs([2], seed=1).model_inputs(), **kw)
+        alone_inputs = hand_inputs([2], seed=1).model_inputs()
+        alone = tiny_model.generate(**alone_inputs, **kw)
         # the same sample (seed 1, first) next to a longer video and a text-only prompt
         batch_inputs = hand_inputs([2, 5, 0], seed=1)
         batch = tiny_model.generate(**batch_inputs.model_inputs(), return_dict_in_generate=True, **kw)
-    assert torch.equal(batch.sequences[0], alone[0])
+    batch_prompt = batch_inputs.model_inputs()["input_ids"].shape[1]
+    assert torch.equal(batch.sequences[0, batch_prompt:], alone[0, alone_inputs["input_ids"].shape[1] :])
     assert batch.segment_sample_index.tolist() == [0, 0, 1, 1, 1, 1, 1]
     # each video gets its own budget
     alloc = batch.token_allocation
@@ -287,7 +291,8 @@ def test_generate_beam_search_sampling_image_and_text(tiny_model, hand_inputs):
         torch.manual_seed(0)
         s2 = tiny_model.generate(**inputs, max_new_tokens=4, do_sample=True, top_k=5, eos_token_id=None)
         out = tiny_model.generate(**inputs, max_new_tokens=2, return_dict_in_generate=True, eos_token_id=None)
-    assert beams.shape == (3, 4) and s1.shape == (3, 4)
+    prompt_length = inputs["input_ids"].shape[1]
+    assert beams.shape == (3, prompt_length + 4) and s1.shape == (3, prompt_length + 4)
     assert torch.equal(s1, s2)
     # images keep all features and skip ATA
     assert out.token_allocation.tolist()[-1] == 16
@@ -299,15 +304,16 @@ def test_generate_text_only(tiny_model, hand_inputs):
     with torch.no_grad():
         out = tiny_model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=3, eos_token_id=None)
         plain = greedy_by_hand(tiny_model, {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}, 3)
-    assert torch.equal(out, plain)
+    assert torch.equal(out[:, inputs["input_ids"].shape[1] :], plain)
 
 
 def test_generate_stops_on_eos(tiny_model, tokenizer, hand_inputs):
     assert tiny_model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
     inputs = hand_inputs([2]).model_inputs()
     with torch.no_grad():
-        free = tiny_model.generate(**inputs, max_new_tokens=6, eos_token_id=None)
-        stopped = tiny_model.generate(**inputs, max_new_tokens=6, eos_token_id=int(free[0, 2]))
+        prompt_length = inputs["input_ids"].shape[1]
+        free = tiny_model.generate(**inputs, max_new_tokens=6, eos_token_id=None)[:, prompt_length:]
+        stopped = tiny_model.generate(**inputs, max_new_tokens=6, eos_token_id=int(free[0, 2]))[:, prompt_length:]
     first_hit = int((free[0] == free[0, 2]).nonzero()[0])
     assert torch.equal(stopped[0], free[0, : first_hit + 1])
 
@@ -441,15 +447,19 @@ def test_static_cache_length_is_bucketed():
     bucket = modeling_tempo.STATIC_CACHE_BUCKET
     config = GenerationConfig(max_new_tokens=32)
 
-    def sized(prompt_length, **kwargs):
+    def sized(prompt_length, text_length=0, **kwargs):
         kwargs.setdefault("generation_config", config)
-        modeling_tempo.bucketed_static_cache_length(kwargs, prompt_length)
+        modeling_tempo.bucketed_static_cache_length(kwargs, GenerationConfig(), prompt_length, text_length)
         return kwargs.get("max_cache_len")
 
     assert sized(8287, cache_implementation="static") == 9 * bucket  # 8319 slots needed
     assert sized(8287, cache_implementation="static", max_new_tokens=1) == 9 * bucket  # 8288
     assert sized(bucket - 32, cache_implementation="static") == bucket  # exactly full
     assert sized(bucket - 31, cache_implementation="static") == 2 * bucket
+    # with the text prompt handed along, transformers asks for spliced + text + new tokens
+    assert sized(bucket - 132, 100, cache_implementation="static") == bucket  # 892 + 100 + 32 = 1024
+    assert sized(bucket - 131, 100, cache_implementation="static") == 2 * bucket
+    assert sized(bucket - 32, bucket - 32, cache_implementation="static") == bucket  # text only: equal lengths
     assert sized(100, cache_implementation="static", max_cache_len=5000) == 5000  # the caller's choice
     assert sized(100) is None  # dynamic cache: nothing to size
     assert sized(100, generation_config=GenerationConfig(cache_implementation="static", max_cache_len=3000)) is None

@@ -470,7 +470,7 @@ def test_auto_processor_loads_it(tmp_path, tokenizer):
 def test_mismatched_batch_sizes_name_both_counts(processor, frames):
     with pytest.raises(ValueError, match=r"2 texts but 3 videos"):
         processor(text=["a", "b"], videos=[frames, frames, None], video_metadata=FPS2)
-    with pytest.raises(ValueError, match=r"2 texts but 1 answers"):
+    with pytest.raises(ValueError, match=r"2 texts but 1 answer;"):
         processor(text=["a", "b"], videos=[frames, None], video_metadata=FPS2, answers=["x"])
     with pytest.raises(ValueError, match=r"1 text but 2 videos"):
         processor(text="a", videos=["x.mp4", "y.mp4"])

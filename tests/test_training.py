@@ -75,7 +75,7 @@ def answer_of(model, processor, frames):
     inputs = processor(text=QUESTION, videos=frames, video_metadata={"fps": 2.0}).to(model.device)
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    return processor.decode(ids[0], skip_special_tokens=True).strip()
+    return processor.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import ModelOutput
-from transformers.utils import logging
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, ModelOutput
+from transformers.utils import can_return_tuple, logging
 
 from .configuration_tempo import TempoConfig
 from .fast_paths import (
@@ -50,11 +50,10 @@ class TempoCompressorOutput(ModelOutput):
 
 
 @dataclass
-class TempoModelOutputWithPast(ModelOutput):
-    last_hidden_state: torch.FloatTensor | None = None
-    cache: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+class TempoModelOutputWithPast(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` over the spliced sequence, plus where the visual tokens went
+    (see `TempoCausalLMOutputWithPast`) and the widened `labels`."""
+
     relevance_scores: torch.FloatTensor | None = None
     token_allocation: torch.LongTensor | None = None
     segment_sample_index: torch.LongTensor | None = None
@@ -62,28 +61,21 @@ class TempoModelOutputWithPast(ModelOutput):
 
 
 @dataclass
-class TempoCausalLMOutputWithPast(ModelOutput):
-    """
+class TempoCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` over the spliced sequence, plus where the visual tokens went.
+
     loss: language-modelling loss over the spliced sequence (when `labels` are given).
-    logits: (B, L, vocab) over the spliced sequence (visual features included).
+    logits: (B, L, vocab) over the spliced sequence (visual features included), so L is longer
+        than the prompt's `input_ids` when it holds visual placeholders.
     cache: the decoder KV cache.
     relevance_scores: (S,) one score per compressor row (segment or image), float32.
     token_allocation: (S,) features kept per row (ATA for video segments, all for images).
     segment_sample_index: (S,) which sample of the batch each row belongs to.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    cache: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     relevance_scores: torch.FloatTensor | None = None
     token_allocation: torch.LongTensor | None = None
     segment_sample_index: torch.LongTensor | None = None
-
-    @property
-    def past_key_values(self):  # the name most users know
-        return self.cache
 
 
 @dataclass
@@ -149,7 +141,9 @@ class TempoModel(TempoPreTrainedModel):
         self.compressor = AutoModel.from_config(config.compressor_config)
         hidden_c = config.compressor_hidden_size
         self.memory_tokens = nn.Parameter(torch.zeros(config.num_memory_tokens, hidden_c))
-        self.relevance_head = nn.Linear(hidden_c, 1, bias=False)
+        # float32 whatever the load dtype (`_from_config(dtype=...)` included): the released scoring
+        # is float32, and a bf16 head would round the vector before it is used.
+        self.relevance_head = nn.Linear(hidden_c, 1, bias=False, dtype=torch.float32)
         self.projector = TempoProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
@@ -183,6 +177,15 @@ class TempoModel(TempoPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.LongTensor, **kwargs):
+        """The compressor's vision tower on video patches, as `Qwen3VLModel.get_video_features`: query-free,
+        `pooler_output` one (tokens, Dc) tensor per video grid, `deepstack_features` per deepstack layer."""
+        return self.compressor.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True, **kwargs)
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs):
+        """The compressor's vision tower on image patches, as `Qwen3VLModel.get_image_features`."""
+        return self.compressor.get_image_features(pixel_values, image_grid_thw, return_dict=True, **kwargs)
 
     # ------------------------------------------------------------------ 1. compressor
     def compress(
@@ -287,7 +290,8 @@ class TempoModel(TempoPreTrainedModel):
                 group = equal_group_length(cu_seqlens)
                 if group is not None:
                     vision_kwargs = {"cu_seqlens": cu_seqlens, "vision_group_size": group}
-            vision = self.compressor.get_image_features(pixels, grid, return_dict=True, **vision_kwargs)
+            get_features = self.get_video_features if video else self.get_image_features
+            vision = get_features(pixels, grid, **vision_kwargs)
             visual_embeds = torch.cat(vision.pooler_output, dim=0).to(inputs_embeds.dtype)
             visual_pos_masks = ids == token_id
             if int(visual_pos_masks.sum()) != visual_embeds.shape[0]:
@@ -489,6 +493,7 @@ class TempoModel(TempoPreTrainedModel):
         )
 
     # ------------------------------------------------------------------ 5. decoder
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -524,6 +529,7 @@ class TempoModel(TempoPreTrainedModel):
                     ((input_ids == self.config.video_token_id) | (input_ids == self.config.image_token_id)).any()
                 )
             if needs_splice:
+                reject_prompt_positions(position_ids)
                 prepared = self.prepare_decoder_inputs(
                     input_ids,
                     attention_mask=attention_mask,
@@ -543,7 +549,6 @@ class TempoModel(TempoPreTrainedModel):
                 relevance, allocation = prepared.relevance_scores, prepared.token_allocation
                 sample_index = prepared.segment_sample_index
                 input_ids = None
-                position_ids = None
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             # Positions count only real tokens, so left padding changes nothing.
             length = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
@@ -569,6 +574,18 @@ class TempoModel(TempoPreTrainedModel):
         )
 
 
+def reject_prompt_positions(position_ids) -> None:
+    """Positions given for a prompt with visual placeholders cannot be honoured: each placeholder
+    widens to its kept features, so the decoder sequence is longer than the prompt and its positions
+    are only known after the splice (Tempo numbers them 0.. over the real tokens, as Qwen3 does)."""
+    if position_ids is not None:
+        raise ValueError(
+            "position_ids cannot be given with visual inputs: the decoder sequence is longer than input_ids "
+            "(each placeholder becomes its kept visual features), and Tempo computes its positions after the "
+            "splice; leave position_ids out"
+        )
+
+
 @contextmanager
 def decode_attention_while_generating(text_config):
     """While generating, a decoder configured for sdpa uses `fast_paths.decode_attention`: the same
@@ -586,16 +603,22 @@ def decode_attention_while_generating(text_config):
 STATIC_CACHE_BUCKET = 1024
 
 
-def bucketed_static_cache_length(generate_kwargs: dict, prompt_length: int) -> None:
-    """With a static cache and no `max_cache_len` given, size the cache to prompt + new tokens rounded
-    up to a multiple of `STATIC_CACHE_BUCKET`.
+def bucketed_static_cache_length(
+    generate_kwargs: dict, default_config: GenerationConfig, prompt_length: int, text_length: int = 0
+) -> None:
+    """With a static cache and no `max_cache_len` given, size the cache to what `generate` asks for
+    (prompt + new tokens) rounded up to a multiple of `STATIC_CACHE_BUCKET`.
+
+    `prompt_length` is the spliced sequence's, `text_length` that of the `input_ids` handed along
+    with it: when the two differ, transformers asks for both together (it sizes the cache from the
+    ids and adds the embeddings' length), so the bucket must cover that sum or it is ignored.
 
     Why: the compiled decoding step is specialised to the cache length. transformers reuses a cache
     that is long enough (it never shrinks it), so with buckets videos whose prompts differ by a few
     timestamps or question tokens share one compiled step instead of each growing the cache by a few
     slots and recompiling. At most budget / bucket recompilations in all; unused slots are masked.
     """
-    config = generate_kwargs.get("generation_config")
+    config = generate_kwargs.get("generation_config") or default_config
     implementation = generate_kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
     if implementation != "static" or generate_kwargs.get("max_cache_len") is not None:
         return
@@ -604,7 +627,7 @@ def bucketed_static_cache_length(generate_kwargs: dict, prompt_length: int) -> N
     new_tokens = generate_kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
     if new_tokens is None:
         return
-    needed = prompt_length + new_tokens
+    needed = prompt_length + new_tokens + (text_length if text_length != prompt_length else 0)
     generate_kwargs["max_cache_len"] = -(-needed // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
 
 
@@ -643,6 +666,9 @@ def resolve_ata_options(model, visual_token_budget, min_tokens_per_segment, use_
 
 class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # As Qwen3: the head is tied to the embeddings, which the decoder shards by vocabulary.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
     # Decoding steps are plain Qwen3 steps: `generate(cache_implementation="static")` compiles them.
     _can_compile_fullgraph = True
 
@@ -678,6 +704,13 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
     def compress(self, *args, **kwargs) -> TempoCompressorOutput:
         return self.model.compress(*args, **kwargs)
 
+    def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.LongTensor, **kwargs):
+        return self.model.get_video_features(pixel_values_videos, video_grid_thw, **kwargs)
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs):
+        return self.model.get_image_features(pixel_values, image_grid_thw, **kwargs)
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -801,36 +834,62 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
         token_selection: str | None = None,
         compressor_batch_size: int | None = None,
         decoder_inputs: DecoderInputs | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ):
         """Compress + allocate + splice once, then let `GenerationMixin.generate` decode from the
-        spliced embeddings. Returns only the new tokens (so `processor.batch_decode` gives the
-        answers); with `return_dict_in_generate=True` the output also carries `relevance_scores`,
-        `token_allocation` and `segment_sample_index`. ATA options are per-call keyword arguments.
+        spliced embeddings.
+
+        As for every decoder-only model in transformers, given `input_ids` the result is `input_ids`
+        followed by the new tokens, so `out[:, inputs["input_ids"].shape[1]:]` are the answers' tokens.
+        Context penalties (`repetition_penalty`, `no_repeat_ngram_size`) see that text prompt and the
+        new tokens; the visual features are not tokens and are not seen. Given only `decoder_inputs`
+        (from `prepare_generation_inputs`) or only `inputs_embeds`, the result is the new tokens, as
+        transformers does for embeddings. With `return_dict_in_generate=True` the output also carries
+        `relevance_scores`, `token_allocation` and `segment_sample_index`. ATA options are per-call
+        keyword arguments; the model's generation config holds their defaults.
         """
         for name in ("labels", "mm_token_type_ids", "segment_times"):
             kwargs.pop(name, None)
+        if decoder_inputs is None and input_ids is None:
+            return super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
         if decoder_inputs is None:
-            if input_ids is None:
-                return super().generate(attention_mask=attention_mask, **kwargs)
-            decoder_inputs = self.prepare_generation_inputs(
-                input_ids,
-                attention_mask=attention_mask,
-                compressor_input_ids=compressor_input_ids,
-                compressor_attention_mask=compressor_attention_mask,
-                pixel_values_videos=pixel_values_videos,
-                video_grid_thw=video_grid_thw,
-                pixel_values=pixel_values,
-                image_grid_thw=image_grid_thw,
-                timestamp_mask=timestamp_mask,
-                visual_token_budget=visual_token_budget,
-                min_tokens_per_segment=min_tokens_per_segment,
-                use_ata=use_ata,
-                token_selection=token_selection,
-                compressor_batch_size=compressor_batch_size,
+            has_visual = compressor_input_ids is not None or bool(
+                ((input_ids == self.config.video_token_id) | (input_ids == self.config.image_token_id)).any()
             )
-        kwargs.setdefault("generation_config", self.generation_config)
-        bucketed_static_cache_length(kwargs, decoder_inputs.inputs_embeds.shape[1])
+            if has_visual:
+                reject_prompt_positions(kwargs.get("position_ids"))
+                if inputs_embeds is not None:
+                    raise ValueError(
+                        "inputs_embeds cannot be given with visual inputs: Tempo builds the decoder's embeddings "
+                        "by splicing the compressed video into the prompt; give input_ids and the visual inputs"
+                    )
+            if inputs_embeds is not None:  # a text-only prompt given as embeddings, as for any decoder
+                decoder_inputs = DecoderInputs(inputs_embeds, attention_mask, None, None, None, None)
+            else:
+                decoder_inputs = self.prepare_generation_inputs(
+                    input_ids,
+                    attention_mask=attention_mask,
+                    compressor_input_ids=compressor_input_ids,
+                    compressor_attention_mask=compressor_attention_mask,
+                    pixel_values_videos=pixel_values_videos,
+                    video_grid_thw=video_grid_thw,
+                    pixel_values=pixel_values,
+                    image_grid_thw=image_grid_thw,
+                    timestamp_mask=timestamp_mask,
+                    visual_token_budget=visual_token_budget,
+                    min_tokens_per_segment=min_tokens_per_segment,
+                    use_ata=use_ata,
+                    token_selection=token_selection,
+                    compressor_batch_size=compressor_batch_size,
+                )
+        text_length = input_ids.shape[1] if input_ids is not None else 0
+        bucketed_static_cache_length(
+            kwargs, self.generation_config, decoder_inputs.inputs_embeds.shape[1], text_length
+        )
+        if input_ids is not None:
+            # The text prompt leads the returned sequences; the decoder reads the spliced embeddings.
+            kwargs["input_ids"] = input_ids.to(decoder_inputs.inputs_embeds.device)
         with decode_attention_while_generating(self.config.text_config):
             output = self.plain_decoder().generate(
                 inputs_embeds=decoder_inputs.inputs_embeds, attention_mask=decoder_inputs.attention_mask, **kwargs

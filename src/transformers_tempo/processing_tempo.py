@@ -426,41 +426,33 @@ class TempoProcessor(ProcessorMixin):
     # -- inputs -> samples ---------------------------------------------------------------
 
     def _samples_from_call(self, text, videos, images, answers, video_metadata) -> list[dict]:
+        """One dict per sample from the call forms transformers processors accept.
+
+        `text` is one question (str) or one per sample (list). `videos` / `images` are one visual
+        input, a flat list with one per sample (None for none), or nested lists holding each
+        sample's visuals (at most one per sample). A str `text` with a one-element list is one
+        sample with that video, as in every transformers processor.
+        """
         if text is None and videos is None and images is None:
             raise ValueError("TempoProcessor needs a text, a video or an image")
-        videos_batch = isinstance(videos, (list, tuple)) and not _is_single_video(videos)
-        images_batch = isinstance(images, (list, tuple))
-        batched = isinstance(text, (list, tuple)) or (text is None and (videos_batch or images_batch))
-        if not batched:
-            for name, values, is_batch in (("videos", videos, videos_batch), ("images", images, images_batch)):
-                if is_batch:
-                    raise ValueError(f"got 1 text but {len(values)} {name}; pass the texts as a list for a batch")
-            if isinstance(answers, (list, tuple)):
-                raise ValueError(f"got 1 text but {len(answers)} answers")
-            if text is not None and not isinstance(text, str):
-                raise ValueError(f"text must be a string or a list of strings, got {type(text).__name__}")
-            sample = {"text": text or "", "video": videos, "image": images, "answer": answers}
-            return [{**sample, "video_metadata": video_metadata, "index": 0}]
-
-        # One entry per sample; a single video / image / answer is a batch of one.
-        texts = list(text) if text is not None else None
-        videos = None if videos is None else (list(videos) if videos_batch else [videos])
-        images = None if images is None else (list(images) if images_batch else [images])
-        answers = None if answers is None else (list(answers) if isinstance(answers, (list, tuple)) else [answers])
-        named = [("texts", texts), ("videos", videos), ("images", images), ("answers", answers)]
-        first_name, first = next((n, v) for n, v in named if v is not None)
+        if text is not None and not isinstance(text, (str, list, tuple)):
+            raise ValueError(f"text must be a string or a list of strings, got {type(text).__name__}")
+        texts = [text] if isinstance(text, str) else (None if text is None else list(text))
+        per_kind = {
+            "videos": _per_sample(videos, _is_single_video, "videos"),
+            "images": _per_sample(images, _is_single_image, "images"),
+            "answers": _per_sample(answers, lambda a: isinstance(a, str), "answers"),
+        }
+        given = [("texts", texts)] + [(name, values) for name, values in per_kind.items()]
+        first_name, first = next((n, v) for n, v in given if v is not None)
         count = len(first)
-        for name, values in named:
+        for name, values in given:
             if values is not None and len(values) != count:
                 raise ValueError(
-                    f"got {count} {first_name} but {len(values)} {name}; give one per sample (None for none)"
+                    f"got {_count(count, first_name)} but {_count(len(values), name)}; "
+                    "give one per sample (None for none)"
                 )
-        if isinstance(video_metadata, (list, tuple)):
-            if len(video_metadata) != count:
-                raise ValueError(f"got {count} {first_name} but {len(video_metadata)} video_metadata entries")
-            metadata = list(video_metadata)
-        else:
-            metadata = [video_metadata] * count  # one for all samples
+        metadata = _metadata_per_sample(video_metadata, count)
         samples = []
         for i in range(count):
             sample_text = (texts[i] if texts is not None else None) or ""
@@ -469,9 +461,9 @@ class TempoProcessor(ProcessorMixin):
             samples.append(
                 {
                     "text": sample_text,
-                    "video": videos[i] if videos is not None else None,
-                    "image": images[i] if images is not None else None,
-                    "answer": answers[i] if answers is not None else None,
+                    "video": per_kind["videos"][i] if per_kind["videos"] is not None else None,
+                    "image": per_kind["images"][i] if per_kind["images"] is not None else None,
+                    "answer": per_kind["answers"][i] if per_kind["answers"] is not None else None,
                     "video_metadata": metadata[i],
                     "index": i,
                 }
@@ -820,6 +812,47 @@ def _item_kind(item: Any) -> str:
     if "image_url" in item:
         return "image"
     raise ValueError(f"unknown content item {sorted(item)}: expected a 'video', 'image' or 'text' item")
+
+
+def _per_sample(values: Any, is_single, name: str) -> list | None:
+    """`values` as one entry per sample: a single item is one sample; a list holds one entry per
+    sample, each an item, None, or a list of at most one item (nested per-sample form)."""
+    if values is None:
+        return None
+    if is_single(values) or not isinstance(values, (list, tuple)):
+        return [values]
+    entries = []
+    for i, entry in enumerate(values):
+        if isinstance(entry, (list, tuple)) and not is_single(entry):
+            if len(entry) > 1:
+                raise ValueError(
+                    f"sample {i}: got {len(entry)} {name}; Tempo takes at most one video or image per sample"
+                )
+            entry = entry[0] if entry else None
+        entries.append(entry)
+    return entries
+
+
+def _count(number: int, plural: str) -> str:
+    """'1 text', '2 texts'."""
+    return f"{number} {plural[:-1] if number == 1 else plural}"
+
+
+def _metadata_per_sample(video_metadata: Any, count: int) -> list:
+    """`video_metadata` as one entry per sample: a dict or `VideoMetadata` is shared by all samples;
+    a list must have one entry per sample (nested one-element lists are unwrapped)."""
+    if not isinstance(video_metadata, (list, tuple)):
+        return [video_metadata] * count
+    if len(video_metadata) != count:
+        raise ValueError(f"got {count} samples but {len(video_metadata)} video_metadata entries; give one per sample")
+    return [m[0] if isinstance(m, (list, tuple)) and len(m) == 1 else m for m in video_metadata]
+
+
+def _is_single_image(value: Any) -> bool:
+    """One image: a PIL image or an (H, W, C) array / tensor."""
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.ndim == 3
+    return not isinstance(value, (list, tuple, type(None)))
 
 
 def _is_single_video(value: Any) -> bool:

@@ -423,6 +423,14 @@ class TempoProcessor(ProcessorMixin):
     def decode(self, *args, **kwargs):
         return self.tokenizer.decode(*args, **kwargs)
 
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs) -> list[str]:
+        """Decode generated token ids to text, one string per row, as transformers' VLM processors do.
+
+        `model.generate(input_ids=...)` returns the prompt followed by the answer; pass
+        ``out[:, inputs["input_ids"].shape[1]:]`` to get only the answers.
+        """
+        return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
     # -- inputs -> samples ---------------------------------------------------------------
 
     def _samples_from_call(self, text, videos, images, answers, video_metadata) -> list[dict]:

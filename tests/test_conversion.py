@@ -137,10 +137,11 @@ def write_base_qwen3vl(folder: Path, compressor_config, tokenizer, seed: int = 1
     return model
 
 
-def expected_relevance(base_model, tokenizer) -> torch.Tensor:
+def expected_relevance(base_model, tokenizer, dtype=torch.bfloat16) -> torch.Tensor:
+    """Yes row minus No row of the base LM head, both taken in `dtype` and subtracted there, as float32."""
     vocab = tokenizer.get_vocab()
     w = base_model.get_output_embeddings().weight.detach()
-    return (w[vocab["Yes"]].to(torch.bfloat16) - w[vocab["No"]].to(torch.bfloat16)).float()[None]
+    return (w[vocab["Yes"]].to(dtype) - w[vocab["No"]].to(dtype)).float()[None]
 
 
 def read_all(folder: Path) -> dict[str, torch.Tensor]:
@@ -182,11 +183,23 @@ def converted_bf16(world):
     return SimpleNamespace(out=out, report=report)
 
 
-def source_with_base_relevance(world):
+@pytest.fixture(scope="module")
+def converted_fp16(world):
+    """float16 conversion through `tempo convert`, to check the command passes --dtype through."""
+    from transformers_tempo.cli import main
+
+    out = world.root / "converted-fp16"
+    code = main(["convert", "--tempo_path", str(world.tempo_path), "--qwen3vl_path", str(world.base_path),
+                 "--output_dir", str(out), "--dtype", "float16"])
+    assert code == 0
+    return SimpleNamespace(out=out)
+
+
+def source_with_base_relevance(world, dtype=torch.bfloat16):
     """The source model with the relevance vector the conversion must produce (it is not in the checkpoint)."""
     model = build_tiny_model(world.tokenizer, seed=3)
     with torch.no_grad():
-        model.model.relevance_head.weight.copy_(expected_relevance(world.base, world.tokenizer))
+        model.model.relevance_head.weight.copy_(expected_relevance(world.base, world.tokenizer, dtype))
     return model
 
 
@@ -237,19 +250,49 @@ def test_bf16_conversion_values(world, converted_bf16):
     assert config["dtype"] == "bfloat16"
 
 
-def test_relevance_vector_is_base_yes_minus_no_rounded_in_bf16(world, converted, converted_bf16):
-    expected = expected_relevance(world.base, world.tokenizer)
-    for result in (converted, converted_bf16):
-        got = read_all(result.out)["model.relevance_head.weight"]
-        assert got.dtype == torch.float32 and got.shape == (1, 64)
-        assert torch.equal(got, expected)
-    # the bf16 rounding is real: the float32 difference is not the same vector
+@pytest.mark.parametrize("name, dtype", [("converted", torch.float32), ("converted_bf16", torch.bfloat16),
+                                         ("converted_fp16", torch.float16)])
+def test_relevance_vector_is_subtracted_in_the_converted_dtype(world, request, name, dtype):
+    result = request.getfixturevalue(name)
+    got = read_all(result.out)["model.relevance_head.weight"]
+    assert got.dtype == torch.float32 and got.shape == (1, 64)
+    assert torch.equal(got, expected_relevance(world.base, world.tokenizer, dtype))
+    # each rounding is real: the three differences are three different vectors
+    for other in {torch.float32, torch.bfloat16, torch.float16} - {dtype}:
+        assert not torch.equal(got, expected_relevance(world.base, world.tokenizer, other)), other
+    dtype_name = str(dtype).removeprefix("torch.")
+    config = json.loads((result.out / "config.json").read_text())
+    assert config["relevance_vector_dtype"] == dtype_name and config["dtype"] == dtype_name
+    assert AutoModel.from_pretrained(result.out).config.relevance_vector_dtype == dtype_name
+
+
+def test_float32_relevance_vector_is_the_exact_float32_difference(world, converted):
+    got = read_all(converted.out)["model.relevance_head.weight"]
     w = world.base.get_output_embeddings().weight.detach()
     vocab = world.tokenizer.get_vocab()
-    assert not torch.equal(expected, (w[vocab["Yes"]] - w[vocab["No"]])[None])
-    rel = converted.report.relevance
-    assert (rel["yes_id"], rel["no_id"]) == (vocab["Yes"], vocab["No"])
-    assert rel["source_key"] == "model.language_model.embed_tokens.weight"  # tied base: the embeddings
+    assert w.dtype == torch.float32
+    assert torch.equal(got, (w[vocab["Yes"]] - w[vocab["No"]])[None])
+
+
+def test_report_records_how_the_relevance_vector_was_made(world, converted, converted_bf16):
+    vocab = world.tokenizer.get_vocab()
+    for result, dtype_name in ((converted, "float32"), (converted_bf16, "bfloat16")):
+        rel = result.report.relevance
+        assert rel["subtract_dtype"] == dtype_name
+        assert (rel["yes_id"], rel["no_id"]) == (vocab["Yes"], vocab["No"])
+        assert rel["source_key"] == "model.language_model.embed_tokens.weight"  # tied base: the embeddings
+        assert f"(subtracted in {dtype_name}, stored float32)" in result.report.summary()
+
+
+def test_configs_without_relevance_vector_dtype_still_load(converted, tmp_path):
+    folder = tmp_path / "old"
+    folder.mkdir()
+    config = json.loads((converted.out / "config.json").read_text())
+    del config["relevance_vector_dtype"]
+    (folder / "config.json").write_text(json.dumps(config))
+    from transformers_tempo import TempoConfig
+
+    assert TempoConfig.from_pretrained(folder).relevance_vector_dtype is None
 
 
 def test_relevance_uses_lm_head_of_untied_base(world, tmp_path):
@@ -330,7 +373,7 @@ def test_converted_model_forward_generate_and_reload(world, converted, hand_inpu
     model = AutoModel.from_pretrained(converted.out)
     assert isinstance(model, TempoForConditionalGeneration)
     assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
-    reference = source_with_base_relevance(world)
+    reference = source_with_base_relevance(world, torch.float32)
     inputs = hand_inputs([3, 1]).model_inputs()
     with torch.no_grad():
         out = model(**inputs)

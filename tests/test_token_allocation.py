@@ -50,11 +50,11 @@ def test_scale_down_with_remainder_to_largest_weights():
     assert sum(out) == 50
 
 
-def test_scale_down_remainder_ties_follow_stable_order():
+def test_scale_down_remainder_ties_follow_the_released_sort():
     # s = [0.25, 0.75, 0.75, 0.25, 0.5]: n = [0, 1, 1, 0, 0.5], sum 2.5, w = [0, .4, .4, 0, .2]
     # B=31, m=4: ideal [4, 128, 128, 4, 66] sum 330 > 31 -> extra = 31 - 20 = 11.
     # w * 11 = [0, 4.4, 4.4, 0, 2.2] -> floors [0, 4, 4, 0, 2] (sum 10), leftover 1.
-    # Stable descending order of w is [1, 2, 4, 0, 3]: segment 1 (first of the tie) gets it.
+    # The released descending CPU argsort of w lists segment 1 before 2 (N=5: no reordering of ties): 1 gets it.
     # a = [4, 9, 8, 4, 6], sum 31.
     out = alloc([0.25, 0.75, 0.75, 0.25, 0.5], budget=31)
     assert out == [4, 9, 8, 4, 6]
@@ -309,3 +309,151 @@ def test_ata_for_samples_single_sample_equals_allocate_tokens():
 def test_ata_for_samples_errors(scores, index, match):
     with pytest.raises(ValueError, match=match):
         ata_for_samples(scores, index)
+
+
+# ---------------------------------------------------------------- fidelity to the released function, ties included
+
+
+def released_ata(scores: list[float], budget: int, min_tokens: int, max_tokens: int) -> list[int]:
+    """The released allocation step by step, written out here without the package: float32 CPU tensors for
+    the arithmetic, Python ints for the bookkeeping, and the released (unstable) CPU argsort for the leftover
+    order. Used as the reference the package must match on every input."""
+    n = len(scores)
+    if n * min_tokens > budget:
+        min_tokens = max(1, budget // n)
+    s = torch.tensor(scores, dtype=torch.float32)
+    lowest, highest = s.min(), s.max()
+    if bool(highest - lowest < 1e-8):  # a float32 comparison: 1e-8 is rounded to float32 first
+        return [min(max_tokens, budget // n)] * n
+    x = (s - lowest) / (highest - lowest)
+    wanted = [min_tokens + int(v) for v in torch.floor(x * (max_tokens - min_tokens)).tolist()]
+    if sum(wanted) <= budget:
+        return [min(max(a, min_tokens), max_tokens) for a in wanted]
+    extra = budget - n * min_tokens
+    total = x.sum().item()
+    w = torch.ones(n) / n if total < 1e-8 else x / total
+    shares = [int(v) for v in torch.floor(w * extra).tolist()]
+    leftover = extra - sum(shares)
+    if leftover > 0:
+        for i in torch.argsort(w, descending=True).tolist()[:leftover]:
+            shares[i] += 1
+    return [min(max(min_tokens + a, min_tokens), max_tokens) for a in shares]
+
+
+TIE_SEGMENT_COUNTS = (1, 2, 7, 128, 257, 512)
+
+
+def tie_cases(count: int = 400, seed: int = 15):
+    """Random (scores, budget, min_tokens, max_tokens) with many exact ties: two-valued scores, a few levels,
+    flat runs inside continuous scores, all-equal; budgets below N*min, equal to it, between, and above N*max."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=gen))]
+
+    def randint(lo, hi):  # inclusive
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    for case in range(count):
+        n = TIE_SEGMENT_COUNTS[case % len(TIE_SEGMENT_COUNTS)]
+        max_tokens = pick([16, 64, 128])
+        min_tokens = pick([1, 4, 8, randint(1, max_tokens)])
+        kind = (case // len(TIE_SEGMENT_COUNTS)) % 5
+        if kind == 0:  # two values (a black/static segment vs the rest)
+            a, b = torch.sigmoid(torch.randn(2, generator=gen)).tolist()
+            scores = torch.where(torch.rand(n, generator=gen) < 0.5, torch.tensor(a), torch.tensor(b))
+        elif kind == 1:  # a few levels
+            levels = torch.sigmoid(torch.randn(randint(2, 5), generator=gen))
+            scores = levels[torch.randint(len(levels), (n,), generator=gen)]
+        elif kind == 2:  # continuous with runs of equal scores copied in
+            scores = torch.sigmoid(torch.randn(n, generator=gen))
+            for _ in range(randint(0, max(1, n // 8))):
+                i, j = randint(0, n - 1), randint(0, n - 1)
+                scores[i] = scores[j]
+        elif kind == 3:  # all equal but one
+            scores = torch.full((n,), float(torch.rand(1, generator=gen)))
+            scores[randint(0, n - 1)] = float(torch.rand(1, generator=gen))
+        else:  # flat
+            scores = torch.full((n,), float(torch.rand(1, generator=gen)))
+        floor_budget, cap = n * min_tokens, n * max_tokens
+        budget = pick([
+            randint(1, max(1, floor_budget - 1)),  # below N*min
+            floor_budget,  # equal to it
+            randint(floor_budget, cap),  # between
+            cap + randint(0, 1000),  # at or above N*max
+            randint(1, 20_000),
+        ])
+        yield scores.tolist(), budget, min_tokens, max_tokens
+
+
+def test_released_transcription_reproduces_the_hand_worked_cases():
+    # The transcription itself against values worked out by hand above.
+    assert released_ata(S4, 50, 4, 128) == [4, 24, 14, 8]
+    assert released_ata(S4, 10, 4, 128) == [2, 4, 2, 2]
+    assert released_ata(S4, 3, 4, 128) == [1, 1, 1, 1]
+    assert released_ata([0.3] * 5, 3, 4, 128) == [0] * 5
+
+
+def test_allocation_equals_the_released_arithmetic_on_ties():
+    cases = list(tie_cases())
+    assert {len(c[0]) for c in cases} == set(TIE_SEGMENT_COUNTS)
+    assert any(b < len(s) * m for s, b, m, _ in cases) and any(b == len(s) * m for s, b, m, _ in cases)
+    assert any(b >= len(s) * big for s, b, _, big in cases)
+    differing = [
+        (len(scores), budget, low, high)
+        for scores, budget, low, high in cases
+        if allocate_tokens(torch.tensor(scores), budget, low, high).tolist() != released_ata(scores, budget, low, high)
+    ]
+    assert differing == []
+
+
+def test_leftover_ties_follow_the_released_unstable_order():
+    # 128 segments with two score values, the case the stable order got wrong: 64 high (w = 1/64) and 64 low
+    # (w = 0). B = 1023, m = 8: extra = 1023 - 1024 < 0 lowers m to 1023 // 128 = 7, extra = 1023 - 896 = 127;
+    # each high segment's share is floor(127 / 64) = 1 (sum 64), so 63 leftover tokens go to 63 of the 64 tied
+    # high segments, in the order the released CPU argsort lists them.
+    high = [0.75 if i % 2 else 0.25 for i in range(128)]
+    got = allocate_tokens(torch.tensor(high), 1023, 8, 128)
+    order = torch.argsort(torch.tensor([1 / 64 if v == 0.75 else 0.0 for v in high]), descending=True)[:63]
+    expected = torch.full((128,), 7)
+    expected[1::2] = 8
+    expected[order] += 1
+    assert torch.equal(got, expected)
+    assert got.sum().item() == 1023 and sorted(set(got[1::2].tolist())) == [8, 9]
+
+
+def test_score_range_of_float32_1e8_is_not_flat():
+    # The released check compares the float32 range with 1e-8 in float32, where 1e-8 rounds to 9.99999994e-09:
+    # a range of exactly that value is not below it, so the scores are not flat (a Python-float comparison,
+    # 9.99999994e-09 < 1e-8, would call them flat and give [50, 50]).
+    # n = [0, 1]: ideal [4, 4 + 124] = [4, 128], sum 132 > B = 100 -> extra = 92, w = [0, 1] -> [4, 4 + 92].
+    tiny = torch.tensor(1e-8, dtype=torch.float32).item()
+    assert tiny < 1e-8
+    scores = torch.tensor([0.0, tiny], dtype=torch.float32)
+    assert allocate_tokens(scores, budget=100).tolist() == [4, 96]
+    assert released_ata(scores.tolist(), 100, 4, 128) == [4, 96]
+
+
+def test_per_sample_budgets_use_the_same_function_on_ties():
+    cases = [c for c in tie_cases(60, seed=16) if len(c[0]) <= 257][:12]
+    scores = torch.tensor([v for s, *_ in cases for v in s])
+    index = torch.tensor([k for k, (s, *_) in enumerate(cases) for _ in s])
+    budget, low, high = 1023, 4, 128
+    out = ata_for_samples(scores, index, budget, low, high)
+    for k, (s, *_) in enumerate(cases):
+        assert out[index == k].tolist() == released_ata(s, budget, low, high)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_allocation_on_cuda_equals_the_released_arithmetic_on_ties():
+    for scores, budget, low, high in tie_cases(120, seed=17):
+        out = allocate_tokens(torch.tensor(scores, device="cuda"), budget, low, high)
+        assert out.device.type == "cuda"
+        assert out.tolist() == released_ata(scores, budget, low, high), (len(scores), budget, low, high)
+    cases = [c for c in tie_cases(30, seed=18) if len(c[0]) <= 257][:6]
+    flat_scores = torch.tensor([v for s, *_ in cases for v in s], device="cuda")
+    index = torch.tensor([k for k, (s, *_) in enumerate(cases) for _ in s], device="cuda")
+    out = ata_for_samples(flat_scores, index, 1023, 4, 128)
+    assert out.device.type == "cuda"
+    for k, (s, *_) in enumerate(cases):
+        assert out[index == k].tolist() == released_ata(s, 1023, 4, 128)

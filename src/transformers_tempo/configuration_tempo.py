@@ -109,10 +109,11 @@ class TempoConfig(PreTrainedConfig):
             overridden per call).
         compressor_batch_size (`int`, defaults to 32):
             Segments per compressor forward pass; bounds peak memory independently of video length.
-        relevance_dtype_rounding (`bool`, defaults to `False`):
-            Set by users who want the released bf16 function exactly: the released scripts round the
-            rotary inverse frequencies through float16 then bfloat16 (see
-            `TempoForConditionalGeneration.apply_released_rotary_rounding`).
+        relevance_vector_dtype (`str`, *optional*):
+            The dtype in which the conversion subtracted the two LM-head rows of the relevance vector
+            (`"bfloat16"`, `"float16"` or `"float32"`: the dtype the weights were converted to, as the
+            released code does for a model run in that dtype). The vector itself is stored in float32.
+            `None` for configs written before this was recorded (those subtracted in bfloat16).
 
     Example:
     ```python
@@ -142,6 +143,7 @@ class TempoConfig(PreTrainedConfig):
     token_selection: str = "head"
     use_ata: bool = True
     compressor_batch_size: int = 32
+    relevance_vector_dtype: str | None = None
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):

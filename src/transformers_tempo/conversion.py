@@ -461,9 +461,11 @@ def relevance_vector(qwen3vl_path: str | os.PathLike, tokenizer=None, subtract_d
     rows come from ``model.language_model.embed_tokens.weight`` unless the base config unties them (then
     ``lm_head.weight``). Only the two rows are read.
 
-    Rounding, as released: the released code loads the base model in the model's dtype (bfloat16), takes
-    ``weight_yes - weight_no`` on those bf16 rows (so the difference is rounded to bf16) and copies it
-    into a float32 ``nn.Linear``. We do the same: rows -> bf16, subtract in bf16, upcast to float32.
+    Rounding, as released: the released code builds the vector from the base model loaded in the dtype the
+    Tempo model runs in, takes ``weight_yes - weight_no`` on those rows (so the difference is rounded to that
+    dtype) and copies it into a float32 ``nn.Linear``. We do the same with ``subtract_dtype`` = the dtype
+    the converted weights are stored in: rows -> ``subtract_dtype``, subtract there, upcast to float32.
+    A bfloat16 model gets a bf16-rounded difference, a float32 model the exact float32 one.
     """
     from transformers import AutoTokenizer
 
@@ -512,7 +514,7 @@ def relevance_vector(qwen3vl_path: str | os.PathLike, tokenizer=None, subtract_d
         "source_key": source,
         "yes_id": yes_id,
         "no_id": no_id,
-        "subtract_dtype": str(subtract_dtype).replace("torch.", ""),
+        "subtract_dtype": _dtype_name(subtract_dtype),
         "notes": notes,
     }
     return vector, info
@@ -650,6 +652,10 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool | 
 
 
 # ----------------------------------------------------------------------------------------------- conversion
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _resolve_dtype(dtype) -> torch.dtype | None:
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
@@ -792,7 +798,9 @@ def convert_tempo_checkpoint(
             the compressor config and its LM head gives the relevance vector.
         output_dir: where the converted folder goes (created; must be empty unless ``overwrite``).
         dtype: dtype of the stored weights ("bfloat16" as the released scripts run, "float16", "float32", or
-            "auto" = the checkpoint's own). The relevance vector is always float32.
+            "auto" = the checkpoint's own). The relevance vector is stored in float32 but its two rows are
+            subtracted in this dtype, as the released code does for a model run in it (recorded as
+            ``config.relevance_vector_dtype`` and in the report).
         max_shard_size: shard size for ``save_pretrained``.
         allow_pickle: accept ``.bin``/``.pt`` weights (read with ``torch.load(weights_only=True)``); refused by
             default because unpickling can run arbitrary code.
@@ -865,7 +873,7 @@ def convert_tempo_checkpoint(
             target_dtype = checkpoint.dtype(map_key_back(mapping, EMBEDDINGS_TARGET))
             if target_dtype not in _DTYPES.values():
                 target_dtype = torch.float32
-        dtype_name = str(target_dtype).replace("torch.", "")
+        dtype_name = _dtype_name(target_dtype)
         lap("plan")
 
         # 3. tensors, one at a time (one copy in memory)
@@ -899,7 +907,7 @@ def convert_tempo_checkpoint(
 
         # 4. relevance vector from the base model
         _say(progress, f"[4/6] relevance vector from the base Qwen3-VL LM head ({qwen3vl_path})")
-        vector, relevance = relevance_vector(qwen3vl_path, tokenizer=base_tokenizer)
+        vector, relevance = relevance_vector(qwen3vl_path, tokenizer=base_tokenizer, subtract_dtype=target_dtype)
         if tuple(vector.shape) != target_shapes[RELEVANCE_TARGET]:
             raise ConversionError(
                 f"base Qwen3-VL: the relevance vector has shape {list(vector.shape)}, the model expects "
@@ -919,6 +927,7 @@ def convert_tempo_checkpoint(
     del state
     model.tie_weights()
     config.dtype = dtype_name
+    config.relevance_vector_dtype = relevance["subtract_dtype"]
     model.config.auto_map = dict(REMOTE_CODE_AUTO_MAP)
     im_end = _token_id(tokenizer, "<|im_end|>", "decoder tokenizer")
     generation_config = GenerationConfig(

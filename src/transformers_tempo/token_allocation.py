@@ -64,14 +64,21 @@ def allocate_tokens(
     Returns:
         int64 tensor of shape (N,) on the device of `scores`.
 
-    Steps:
+    Steps (the released arithmetic, operation for operation):
         1. If N * m > B, m is lowered to max(1, B // N) (with a warning).
-        2. Flat scores (max - min < 1e-8): every segment keeps min(M, B // N), returned as is.
+        2. Flat scores (max - min < 1e-8, compared in float32): every segment keeps min(M, B // N),
+           returned as is.
         3. n = (s - min s) / (max s - min s); ideal a = m + floor(n * (M - m)).
         4. If sum(a) > B: with extra = B - N * m and w = n / sum(n),
            a = m + floor(w * extra), and the `extra - sum(floor(w * extra))` leftover
-           tokens go one each to the segments of largest w (stable order on ties).
+           tokens go one each to the segments of largest w, in the order of
+           `torch.argsort(w, descending=True)` on the CPU. That sort is not stable: among
+           tied weights (static or black segments score bitwise-equal) the chosen segments
+           are the ones that kernel lists first, which is what the released model keeps.
         5. a is clamped to [m, M].
+
+    The arithmetic runs on the CPU in float32 whatever the device of `scores` (N numbers; a
+    GPU division or sort could round or order them differently), and the result is moved back.
 
     The sum is at most B whenever B >= N. When B < N the reference behaviour is kept:
     non-flat scores give every segment 1 token (sum N > B) and flat scores give 0.
@@ -82,10 +89,14 @@ def allocate_tokens(
     if scores.numel() == 0:
         raise ValueError("`scores` must be non-empty")
     budget, min_tokens, max_tokens = _check_limits(budget, min_tokens, max_tokens)
-    s = scores.detach().to(torch.float32)
+    s = scores.detach().to("cpu", torch.float32)
     if not torch.isfinite(s).all():
         raise ValueError("`scores` must be finite (found NaN or inf)")
+    return _allocate_cpu(s, budget, min_tokens, max_tokens).to(scores.device)
 
+
+def _allocate_cpu(s: torch.Tensor, budget: int, min_tokens: int, max_tokens: int) -> torch.LongTensor:
+    """`allocate_tokens` on checked float32 CPU scores; every tensor operation is the released one."""
     n_seg = s.numel()
     if n_seg * min_tokens > budget:
         lowered = max(1, budget // n_seg)
@@ -96,25 +107,28 @@ def allocate_tokens(
         min_tokens = lowered
 
     s_min, s_max = s.min(), s.max()
-    if (s_max - s_min).item() < 1e-8:
+    score_range = s_max - s_min
+    # A tensor-scalar comparison, so 1e-8 is rounded to float32 (a range of exactly float32(1e-8) is flat).
+    if bool(score_range < 1e-8):
         keep = min(max_tokens, budget // n_seg)
-        return torch.full((n_seg,), keep, dtype=torch.long, device=s.device)
+        return torch.full((n_seg,), keep, dtype=torch.long)
 
-    norm = (s - s_min) / (s_max - s_min)
-    counts = min_tokens + torch.floor(norm * (max_tokens - min_tokens)).long()
+    norm = (s - s_min) / score_range
+    counts = min_tokens + (norm * (max_tokens - min_tokens)).floor().long()
 
     if counts.sum().item() > budget:
         extra = budget - n_seg * min_tokens
-        norm_sum = norm.sum()
-        if norm_sum.item() < 1e-8:
-            weights = torch.full_like(norm, 1.0 / n_seg)
+        norm_sum = norm.sum().item()  # a Python float, compared and divided by as such
+        if norm_sum < 1e-8:  # unreachable (max(norm) is 1), kept as released
+            weights = torch.ones_like(norm) / n_seg
         else:
             weights = norm / norm_sum
-        share = torch.floor(weights * extra).long()
-        # Float rounding could in principle push the floors past `extra`; never take tokens back.
-        leftover = min(max(extra - share.sum().item(), 0), n_seg)
-        order = torch.argsort(weights, descending=True, stable=True)
-        share[order[:leftover]] += 1
+        share = (weights * extra).floor().long()
+        leftover = int(extra - share.sum().item())
+        if leftover > 0:
+            # Not stable on purpose: ties are broken exactly as the released CPU sort breaks them.
+            order = torch.argsort(weights, descending=True)
+            share[order[:leftover]] += 1
         counts = min_tokens + share
 
     return counts.clamp(min_tokens, max_tokens)
@@ -157,7 +171,7 @@ def ata_for_samples(
     min_tokens: int = 4,
     max_tokens: int = 128,
 ) -> torch.LongTensor:
-    """`allocate_tokens` run separately for each sample of a batch.
+    """`allocate_tokens` run separately for each sample of a batch (the same arithmetic, on the CPU).
 
     Args:
         scores: (S,) scores of the segments of all samples, concatenated.
@@ -178,8 +192,13 @@ def ata_for_samples(
     if sample_index.is_floating_point() or sample_index.is_complex() or sample_index.dtype == torch.bool:
         raise ValueError(f"`sample_index` must be an integer tensor, got dtype {sample_index.dtype}")
 
-    counts = torch.empty(scores.shape, dtype=torch.long, device=scores.device)
-    for sample in torch.unique(sample_index):
-        positions = (sample_index == sample).nonzero(as_tuple=True)[0]
-        counts[positions] = allocate_tokens(scores[positions], budget, min_tokens, max_tokens)
-    return counts
+    budget, min_tokens, max_tokens = _check_limits(budget, min_tokens, max_tokens)
+    # One copy to the CPU for the whole batch; each sample then runs exactly `allocate_tokens`' arithmetic.
+    cpu_scores, cpu_index = scores.detach().to("cpu", torch.float32), sample_index.cpu()
+    if not torch.isfinite(cpu_scores).all():
+        raise ValueError("`scores` must be finite (found NaN or inf)")
+    counts = torch.empty(cpu_scores.shape, dtype=torch.long)
+    for sample in torch.unique(cpu_index):
+        positions = (cpu_index == sample).nonzero(as_tuple=True)[0]
+        counts[positions] = _allocate_cpu(cpu_scores[positions], budget, min_tokens, max_tokens)
+    return counts.to(scores.device)

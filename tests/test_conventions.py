@@ -313,3 +313,47 @@ def test_ambiguous_or_mismatched_counts_say_what_was_given(tester):
         tester.inputs(texts=[QUESTION], videos=[[tester.frames, tester.frames]])
     with pytest.raises(ValueError, match=r"got 2 samples but 3 video_metadata entries"):
         tester.inputs(texts=[QUESTION, "red"], videos=[tester.frames] * 2, video_metadata=[{"fps": 2.0}] * 3)
+
+
+# ------------------------------------------------------------------ the pipeline
+@pytest.fixture(scope="module")
+def vqa(tester, tmp_path_factory):
+    from transformers import pipeline
+
+    import transformers_tempo  # noqa: F401  (registers the task)
+
+    path = tmp_path_factory.mktemp("tiny-tempo")
+    tester.model.save_pretrained(path)
+    tester.processor.save_pretrained(path)
+    return pipeline("video-question-answering", model=str(path), device="cpu")
+
+
+@pytest.mark.parametrize("selection", ["head", "tail"])
+def test_pipeline_forwards_every_ata_option_and_answers_as_generate(tester, vqa, selection):
+    options = {"visual_token_budget": 20, "min_tokens_per_segment": 4, "use_ata": True, "token_selection": selection}
+    inputs = tester.inputs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = vqa(video=tester.frames, question=QUESTION, video_metadata={"fps": 2.0}, max_new_tokens=4, **options)
+    assert not [w for w in caught if "deprecat" in str(w.message).lower()]
+    with torch.no_grad():
+        ids = tester.model.generate(**inputs, max_new_tokens=4, **options)
+    expected = tester.processor.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert out["answer"] == expected[0].strip()
+    assert out["visual_tokens"] == 20
+
+
+def test_pipeline_hands_every_ata_option_to_the_model(vqa, tester, monkeypatch):
+    from transformers_tempo.token_allocation import ATA_OPTION_NAMES
+
+    seen = {}
+    original = vqa.model.prepare_generation_inputs
+
+    def spy(*args, **kwargs):
+        seen.update({k: kwargs.get(k) for k in ATA_OPTION_NAMES})
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(vqa.model, "prepare_generation_inputs", spy)
+    options = {"visual_token_budget": 12, "min_tokens_per_segment": 2, "use_ata": True, "token_selection": "tail"}
+    vqa(video=tester.frames, question=QUESTION, video_metadata={"fps": 2.0}, max_new_tokens=1, **options)
+    assert seen == options

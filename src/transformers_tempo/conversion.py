@@ -822,6 +822,7 @@ def convert_tempo_checkpoint(
     from transformers import AutoTokenizer, GenerationConfig
 
     from .modeling_tempo import TempoForConditionalGeneration
+    from .token_allocation import ATA_OPTION_NAMES
 
     started = time.perf_counter()
     steps: dict[str, float] = {}
@@ -938,7 +939,7 @@ def convert_tempo_checkpoint(
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else im_end,
         bos_token_id=config.text_config.bos_token_id,
     )
-    for name in ("visual_token_budget", "min_tokens_per_segment", "use_ata", "token_selection"):
+    for name in ATA_OPTION_NAMES:
         setattr(generation_config, name, getattr(config, name))
     generation_config._from_model_config = False
     model.generation_config = generation_config

@@ -29,12 +29,11 @@ from .fast_paths import (
     set_fast_paths,
     vision_cu_seqlens_cpu,
 )
-from .token_allocation import ata_for_samples, select_tokens
+from .token_allocation import ATA_OPTION_NAMES, ata_for_samples, select_tokens
 
 logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = -100
-ATA_OPTION_NAMES = ("visual_token_budget", "min_tokens_per_segment", "use_ata", "token_selection")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -9,10 +10,10 @@ import torch
 from transformers import BatchFeature, Pipeline
 
 from .streaming import compress_streaming
+from .token_allocation import ATA_OPTION_NAMES
 from .video_loading import LoadedVideo, load_video
 
 PIXEL_KEYS = ("pixel_values_videos", "pixel_values")
-ATA_CALL_OPTIONS = ("visual_token_budget", "min_tokens_per_segment", "use_ata")
 LOAD_OPTIONS = ("fps", "min_frames", "max_frames", "num_workers")
 
 
@@ -98,7 +99,7 @@ class VideoQuestionAnsweringPipeline(Pipeline):
         for name in ("video_metadata", *LOAD_OPTIONS):
             if name in kwargs:
                 preprocess[name] = kwargs.pop(name)
-        for name in ATA_CALL_OPTIONS:
+        for name in ATA_OPTION_NAMES:
             if name in kwargs:
                 forward[name] = kwargs.pop(name)
         if "progress" in kwargs:
@@ -203,13 +204,17 @@ class VideoQuestionAnsweringPipeline(Pipeline):
 
     def _forward(self, model_inputs, generate_kwargs=None, progress: bool = False, **ata_options):
         inputs, times = model_inputs["inputs"], model_inputs["times"]
-        model_keys = {k: v for k, v in inputs.items() if k not in ATA_CALL_OPTIONS}
-        for name in ATA_CALL_OPTIONS:
+        model_keys = {k: v for k, v in inputs.items() if k not in ATA_OPTION_NAMES}
+        for name in ATA_OPTION_NAMES:
             if name not in ata_options and name in inputs:
                 ata_options[name] = inputs[name]
-        generate_kwargs = dict(generate_kwargs or {})
+        generate_kwargs = {**(generate_kwargs or {}), "return_dict_in_generate": True}
         if "generation_config" not in generate_kwargs and getattr(self, "generation_config", None) is not None:
-            generate_kwargs["generation_config"] = self.generation_config
+            # One generation config holding the call's options: transformers deprecates passing a
+            # config together with generation arguments.
+            config = copy.deepcopy(self.generation_config)
+            generate_kwargs = config.update(**generate_kwargs)  # returns what is not a generation option
+            generate_kwargs["generation_config"] = config
         compressed = model_inputs.get("compressed")  # already done while decoding (preprocess_streaming)
         t0 = _sync(self.device)
         with torch.inference_mode():
@@ -217,7 +222,7 @@ class VideoQuestionAnsweringPipeline(Pipeline):
                 **model_keys, compressed=compressed, progress=progress, **ata_options
             )
             t1 = _sync(self.device)
-            output = self.model.generate(decoder_inputs=prepared, return_dict_in_generate=True, **generate_kwargs)
+            output = self.model.generate(decoder_inputs=prepared, **generate_kwargs)
         t2 = _sync(self.device)
         times.compress += t1 - t0
         times.answer = t2 - t1

@@ -39,6 +39,7 @@ from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from .token_allocation import ATA_OPTION_NAMES
 from .video_loading import LoadedVideo, load_video
 from .video_processing_tempo import TempoVideoProcessor
 
@@ -179,7 +180,6 @@ COMPRESSOR_CHAT_TEMPLATE = """\
 {%- endif %}
 """
 
-ATA_OPTIONS = ("visual_token_budget", "min_tokens_per_segment", "use_ata", "token_selection")
 LABEL_SCOPES = ("answer", "reference")
 
 
@@ -578,7 +578,7 @@ class TempoProcessor(ProcessorMixin):
                 else:
                     data[pixel_key] = _concat_rows(pixels)
                 data[grid_key] = torch.cat([v["grid"] for v in chosen], dim=0)
-        for name in ATA_OPTIONS:
+        for name in ATA_OPTION_NAMES:
             if ata_options.get(name) is not None:
                 data[name] = ata_options[name]
         return BatchFeature(data=data)

@@ -27,11 +27,11 @@ from transformers.feature_extraction_utils import BatchFeature
 
 from .modeling_tempo import TempoCompressorOutput
 from .processing_tempo import PendingVideo
+from .token_allocation import ATA_OPTION_NAMES
 from .video_loading import FramesReady, LoadedVideo, load_video
 
 __all__ = ["StreamedVideo", "compress_streaming", "generate_streaming"]
 
-ATA_OPTIONS = ("visual_token_budget", "min_tokens_per_segment", "use_ata", "token_selection")
 
 
 @dataclass
@@ -262,8 +262,8 @@ def generate_streaming(
     streamed = compress_streaming(
         model, processor, video, question, compressor_batch_size=compressor_batch_size, **(load_options or {})
     )
-    ata = {name: generate_kwargs.pop(name) for name in ATA_OPTIONS if name in generate_kwargs}
-    text = {k: v for k, v in streamed.inputs.items() if k not in ATA_OPTIONS and k != "segment_times"}
+    ata = {name: generate_kwargs.pop(name) for name in ATA_OPTION_NAMES if name in generate_kwargs}
+    text = {k: v for k, v in streamed.inputs.items() if k not in ATA_OPTION_NAMES and k != "segment_times"}
     with torch.inference_mode():
         prepared = model.prepare_generation_inputs(**text, compressed=streamed.compressed, **ata)
         return model.generate(decoder_inputs=prepared, **generate_kwargs)

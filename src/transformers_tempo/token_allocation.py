@@ -19,10 +19,14 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["ATA_DEFAULTS", "allocate_tokens", "ata_for_samples", "select_tokens"]
+__all__ = ["ATA_DEFAULTS", "ATA_OPTION_NAMES", "allocate_tokens", "ata_for_samples", "select_tokens"]
 
 # Settings of the released Tempo model.
 ATA_DEFAULTS = {"visual_token_budget": 8192, "min_tokens_per_segment": 4, "token_selection": "head"}
+
+# The per-call ATA options, one list for every entry point (model, processor, pipeline, streaming,
+# conversion): a copy that lacks one silently drops it.
+ATA_OPTION_NAMES = ("visual_token_budget", "min_tokens_per_segment", "use_ata", "token_selection")
 
 _STRATEGIES = ("head", "tail")
 

@@ -11,7 +11,7 @@ The file reads in the order data flows:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,28 @@ class TempoCompressorOutput(ModelOutput):
 
     features: torch.FloatTensor | None = None
     relevance_scores: torch.FloatTensor | None = None
+
+
+@dataclass
+class VisionFeatures:
+    """The compressor's vision-tower output for consecutive segments (rows) of one video.
+
+    embeds: per segment, its merged visual tokens (tokens, Dc).
+    deepstack: per segment, one (tokens, Dc) tensor per deepstack layer.
+    """
+
+    embeds: list[torch.Tensor] = field(default_factory=list)
+    deepstack: list[list[torch.Tensor]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.embeds)
+
+    def rows(self, start: int, stop: int) -> VisionFeatures:
+        return VisionFeatures(self.embeds[start:stop], self.deepstack[start:stop])
+
+    def __add__(self, other: VisionFeatures) -> VisionFeatures:
+        return VisionFeatures(self.embeds + other.embeds, self.deepstack + other.deepstack)
+
 
 
 @dataclass
@@ -197,12 +219,15 @@ class TempoModel(TempoPreTrainedModel):
         image_grid_thw: torch.LongTensor | None = None,
         compressor_batch_size: int | None = None,
         progress: bool = False,
+        video_features: VisionFeatures | None = None,
     ) -> TempoCompressorOutput:
         """Run every compressor row (one per video segment or image), `compressor_batch_size` rows at a time.
 
         Rows are right-padded prompts; the memory tokens go right after each row's own prompt.
         Video rows and image rows are chunked separately (each chunk holds one kind), and the
-        outputs come back in row order.
+        outputs come back in row order. `video_features` (from `encode_video_features`, one entry
+        per video row) replaces the vision tower on the video rows: the tower does not read the
+        question, so several questions about one video can share it.
         """
         cfg = self.config.compressor_config
         ids = compressor_input_ids
@@ -220,6 +245,11 @@ class TempoModel(TempoPreTrainedModel):
             bar = tqdm(total=num_rows, desc="compressing segments", unit="seg", leave=False)
         features = None
         scores = torch.empty(num_rows, dtype=torch.float32, device=ids.device)
+        if video_features is not None and len(video_features) != int(is_video.sum()):
+            raise ValueError(
+                f"video_features cover {len(video_features)} segments but the compressor rows hold "
+                f"{int(is_video.sum())} video segments"
+            )
         for kind_mask, pixels, grid in (
             (is_video, pixel_values_videos, video_grid_thw),
             (is_image, pixel_values, image_grid_thw),
@@ -228,27 +258,23 @@ class TempoModel(TempoPreTrainedModel):
             rows = kind_mask.nonzero().flatten()
             if rows.numel() == 0:
                 continue
-            if pixels is not None and grid is None:
+            given = video_features if kind_mask is is_video else None
+            if pixels is not None and grid is None and given is None:
                 raise ValueError("pixel values were given without their grid_thw")
             if grid is not None and grid.shape[0] != rows.numel():
                 raise ValueError(
                     f"{grid.shape[0]} visual grids for {rows.numel()} compressor rows that hold that kind of input"
                 )
-            patch_offsets = None
-            if grid is not None:
-                patch_offsets = F.pad(grid.prod(-1).cumsum(0), (1, 0))
             for start in range(0, rows.numel(), chunk):
                 sel = rows[start : start + chunk]
-                chunk_pixels = chunk_grid = None
-                if grid is not None:
-                    chunk_grid = grid[start : start + chunk]
-                    # Pixels may stay on the CPU: each chunk moves on its own, so GPU memory does
-                    # not grow with the video's length.
-                    chunk_pixels = pixels[patch_offsets[start] : patch_offsets[start + sel.numel()]].to(
-                        self.memory_tokens.device, non_blocking=True
-                    )
+                chunk_grid = grid[start : start + chunk] if grid is not None else None
+                vision = None
+                if given is not None:
+                    vision = given.rows(start, start + sel.numel())
+                elif grid is not None:
+                    vision = self._vision_features(pixels, grid, start, start + sel.numel(), video=kind_mask is is_video)
                 feats, rel = self._compress_rows(
-                    ids[sel], compressor_attention_mask[sel], chunk_pixels, chunk_grid, video=kind_mask is is_video
+                    ids[sel], compressor_attention_mask[sel], vision, chunk_grid, video=kind_mask is is_video
                 )
                 if features is None:
                     features = feats.new_empty(num_rows, *feats.shape[1:])
@@ -260,7 +286,46 @@ class TempoModel(TempoPreTrainedModel):
             bar.close()
         return TempoCompressorOutput(features=features, relevance_scores=scores)
 
-    def _compress_rows(self, ids, mask, pixels, grid, video: bool):
+    def _vision_features(self, pixels, grid, start: int, stop: int, video: bool) -> VisionFeatures:
+        """The vision tower on rows `start:stop` of `grid` (their patches are sliced out of `pixels`)."""
+        cfg = self.config.compressor_config
+        offsets = F.pad(grid.prod(-1).cumsum(0), (1, 0))
+        # Pixels may stay on the CPU: each chunk moves on its own, so GPU memory does not grow with
+        # the video's length.
+        chunk_pixels = pixels[offsets[start] : offsets[stop]].to(self.memory_tokens.device, non_blocking=True)
+        chunk_grid = grid[start:stop]
+        vision_kwargs = {}
+        if self.fast_paths and cfg.vision_config._attn_implementation == "sdpa":
+            # equal frame groups (the usual video): one batched attention call per layer
+            cu_seqlens = vision_cu_seqlens_cpu(chunk_grid)
+            group = equal_group_length(cu_seqlens)
+            if group is not None:
+                vision_kwargs = {"cu_seqlens": cu_seqlens, "vision_group_size": group}
+        get_features = self.get_video_features if video else self.get_image_features
+        out = get_features(chunk_pixels, chunk_grid, **vision_kwargs)
+        per_row = [[layer[r] for layer in out.deepstack_features] for r in range(len(out.pooler_output))]
+        return VisionFeatures(list(out.pooler_output), per_row)
+
+    def encode_video_features(
+        self,
+        pixel_values_videos: torch.Tensor,
+        video_grid_thw: torch.LongTensor,
+        compressor_batch_size: int | None = None,
+    ) -> VisionFeatures:
+        """The vision tower on every segment of the given videos, chunked as `compress` chunks them.
+
+        Pass the result to `compress` / `generate(video_features=...)` for each question about these
+        videos (repeated per question, e.g. `features + features`): the answers are those of the plain
+        path, without running the tower again.
+        """
+        chunk = compressor_batch_size or self.config.compressor_batch_size
+        features = VisionFeatures()
+        for start in range(0, video_grid_thw.shape[0], chunk):
+            stop = min(start + chunk, video_grid_thw.shape[0])
+            features = features + self._vision_features(pixel_values_videos, video_grid_thw, start, stop, video=True)
+        return features
+
+    def _compress_rows(self, ids, mask, vision: VisionFeatures | None, grid, video: bool):
         cfg = self.config.compressor_config
         num_memory = self.config.num_memory_tokens
         rows = ids.shape[0]
@@ -280,18 +345,9 @@ class TempoModel(TempoPreTrainedModel):
         inputs_embeds = embed(ids)
         visual_pos_masks = deepstack = None
         grid_kwargs = {}
-        if pixels is not None:
+        if vision is not None:
             token_id = cfg.video_token_id if video else cfg.image_token_id
-            vision_kwargs = {}
-            if self.fast_paths and cfg.vision_config._attn_implementation == "sdpa":
-                # equal frame groups (the usual video): one batched attention call per layer
-                cu_seqlens = vision_cu_seqlens_cpu(grid)
-                group = equal_group_length(cu_seqlens)
-                if group is not None:
-                    vision_kwargs = {"cu_seqlens": cu_seqlens, "vision_group_size": group}
-            get_features = self.get_video_features if video else self.get_image_features
-            vision = get_features(pixels, grid, **vision_kwargs)
-            visual_embeds = torch.cat(vision.pooler_output, dim=0).to(inputs_embeds.dtype)
+            visual_embeds = torch.cat(vision.embeds, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
             visual_pos_masks = ids == token_id
             if int(visual_pos_masks.sum()) != visual_embeds.shape[0]:
                 raise ValueError(
@@ -299,13 +355,14 @@ class TempoModel(TempoPreTrainedModel):
                     f"{visual_embeds.shape[0]} features: the prompts and grid_thw do not match"
                 )
             inputs_embeds = inputs_embeds.masked_scatter(visual_pos_masks[..., None], visual_embeds)
-            deepstack = [torch.cat(f, dim=0) for f in vision.deepstack_features]
+            num_layers = len(vision.deepstack[0])
+            deepstack = [torch.cat([row[k] for row in vision.deepstack], dim=0) for k in range(num_layers)]
             grid_kwargs = {"video_grid_thw": grid} if video else {"image_grid_thw": grid}
         memory = self.memory_tokens.to(inputs_embeds.device, inputs_embeds.dtype)
         inputs_embeds = inputs_embeds.masked_scatter(memory_mask[..., None], memory.expand(rows, -1, -1))
 
         mm_token_type_ids = torch.zeros_like(ids, dtype=torch.int)
-        if pixels is not None:
+        if vision is not None:
             mm_token_type_ids[visual_pos_masks] = 2 if video else 1
         if self.fast_paths:
             position_ids = mrope_position_ids(
@@ -357,6 +414,7 @@ class TempoModel(TempoPreTrainedModel):
         compressor_batch_size: int | None = None,
         compressed: TempoCompressorOutput | None = None,
         progress: bool = False,
+        video_features: VisionFeatures | None = None,
     ) -> DecoderInputs:
         """Compress, allocate, project and splice: returns the decoder's `inputs_embeds` and friends.
 
@@ -394,6 +452,7 @@ class TempoModel(TempoPreTrainedModel):
                 image_grid_thw=image_grid_thw,
                 compressor_batch_size=compressor_batch_size,
                 progress=progress,
+                video_features=video_features,
             )
             relevance = compressed.relevance_scores
             sample_index = placeholder.nonzero()[:, 0]  # row-major order == compressor row order
@@ -706,6 +765,9 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
     def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.LongTensor, **kwargs):
         return self.model.get_video_features(pixel_values_videos, video_grid_thw, **kwargs)
 
+    def encode_video_features(self, *args, **kwargs) -> VisionFeatures:
+        return self.model.encode_video_features(*args, **kwargs)
+
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs):
         return self.model.get_image_features(pixel_values, image_grid_thw, **kwargs)
 
@@ -834,6 +896,7 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
         compressor_batch_size: int | None = None,
         decoder_inputs: DecoderInputs | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        video_features: VisionFeatures | None = None,
         **kwargs,
     ):
         """Compress + allocate + splice once, then let `GenerationMixin.generate` decode from the
@@ -846,7 +909,8 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
         (from `prepare_generation_inputs`) or only `inputs_embeds`, the result is the new tokens, as
         transformers does for embeddings. With `return_dict_in_generate=True` the output also carries
         `relevance_scores`, `token_allocation` and `segment_sample_index`. ATA options are per-call
-        keyword arguments; the model's generation config holds their defaults.
+        keyword arguments; the model's generation config holds their defaults. `video_features`
+        (from `encode_video_features`) reuses the vision tower's output of earlier questions.
         """
         for name in ("labels", "mm_token_type_ids", "segment_times"):
             kwargs.pop(name, None)
@@ -881,6 +945,7 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
                     use_ata=use_ata,
                     token_selection=token_selection,
                     compressor_batch_size=compressor_batch_size,
+                    video_features=video_features,
                 )
         text_length = input_ids.shape[1] if input_ids is not None else 0
         bucketed_static_cache_length(

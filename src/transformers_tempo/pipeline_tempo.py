@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import BatchFeature, Pipeline
 
+from .modeling_tempo import VisionFeatures
 from .streaming import compress_streaming
 from .token_allocation import ATA_OPTION_NAMES
-from .video_loading import LoadedVideo, load_video
+from .video_cache import default_video_cache
+from .video_loading import LoadedVideo
 
 PIXEL_KEYS = ("pixel_values_videos", "pixel_values")
 LOAD_OPTIONS = ("fps", "min_frames", "max_frames", "num_workers")
@@ -113,6 +115,10 @@ class VideoQuestionAnsweringPipeline(Pipeline):
         if isinstance(video, (list, tuple)) and video and isinstance(video[0], dict):
             items = [dict(v) for v in video]
             single = False
+        elif single and isinstance(question, (list, tuple)):
+            # several questions about one video: decoded once, its vision features computed once
+            items = [{"video": video, "question": q} for q in question]
+            single = False
         elif single:
             items = [{"video": video, "question": question}]
         else:
@@ -136,26 +142,24 @@ class VideoQuestionAnsweringPipeline(Pipeline):
     def preprocess(self, items, offset: int = 0, video_metadata=None, progress: bool = False, **load_options):
         times = StageTimes()
         t0 = time.perf_counter()
-        videos = []
+        cache = default_video_cache()
+        videos, frame_keys = [], []
         for i, item in enumerate(items):
-            if item.get("video") is None:
-                videos.append(None)
+            if item.get("video") is None or isinstance(item["video"], LoadedVideo):
+                videos.append(item.get("video"))
+                frame_keys.append(("object", id(item["video"])) if item.get("video") is not None else None)
                 continue
-            if isinstance(item["video"], LoadedVideo):
-                videos.append(item["video"])
-                continue
+            options = dict(
+                video_metadata=item.get("video_metadata", video_metadata),
+                progress=progress,
+                pin_memory=torch.device(self.device).type == "cuda",  # fast, async upload
+                **load_options,
+            )
             try:
-                videos.append(
-                    load_video(
-                        item["video"],
-                        video_metadata=item.get("video_metadata", video_metadata),
-                        progress=progress,
-                        pin_memory=torch.device(self.device).type == "cuda",  # fast, async upload
-                        **load_options,
-                    )
-                )
+                videos.append(cache.load_video(item["video"], **options))
             except ValueError as err:
                 raise ValueError(f"video {offset + i}: {err}") from err
+            frame_keys.append(cache.frames_key(item["video"], options) or ("object", id(videos[-1])))
         times.decode = time.perf_counter() - t0
         t0 = time.perf_counter()
         on_gpu = torch.device(self.device).type == "cuda"
@@ -172,7 +176,7 @@ class VideoQuestionAnsweringPipeline(Pipeline):
             {k: v if k in PIXEL_KEYS else (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         )
         times.preprocess = _sync(self.device) - t0
-        return {"inputs": inputs, "videos": videos, "times": times}
+        return {"inputs": inputs, "videos": videos, "frame_keys": frame_keys, "times": times}
 
     @staticmethod
     def _streams(chunk: list[dict], stream: bool) -> bool:
@@ -204,6 +208,12 @@ class VideoQuestionAnsweringPipeline(Pipeline):
 
     def _forward(self, model_inputs, generate_kwargs=None, progress: bool = False, **ata_options):
         inputs, times = model_inputs["inputs"], model_inputs["times"]
+        t0 = _sync(self.device)
+        video_features = None
+        if model_inputs.get("compressed") is None and inputs.get("pixel_values_videos") is not None:
+            with torch.inference_mode():
+                video_features = self._video_features(inputs, model_inputs["frame_keys"])
+        vision_time = _sync(self.device) - t0
         model_keys = {k: v for k, v in inputs.items() if k not in ATA_OPTION_NAMES}
         for name in ATA_OPTION_NAMES:
             if name not in ata_options and name in inputs:
@@ -219,14 +229,47 @@ class VideoQuestionAnsweringPipeline(Pipeline):
         t0 = _sync(self.device)
         with torch.inference_mode():
             prepared = self.model.prepare_generation_inputs(
-                **model_keys, compressed=compressed, progress=progress, **ata_options
+                **model_keys, compressed=compressed, progress=progress, video_features=video_features, **ata_options
             )
             t1 = _sync(self.device)
             output = self.model.generate(decoder_inputs=prepared, **generate_kwargs)
         t2 = _sync(self.device)
-        times.compress += t1 - t0
+        times.compress += t1 - t0 + vision_time
         times.answer = t2 - t1
         return {"output": output, "prepared": prepared, **model_keys, "videos": model_inputs["videos"], "times": times}
+
+    def _video_features(self, inputs, frame_keys) -> VisionFeatures:
+        """The vision tower's output for every video row of `inputs`: once per distinct video of the
+        batch, and taken from the process's video cache when these frames were encoded before.
+
+        Always per video (not over the whole batch's rows), so a video's features, and its answers,
+        do not depend on what else is in the batch or whether the cache had them.
+        """
+        cache = default_video_cache()
+        video_processor = self.processor.video_processor
+        processing = {
+            "video_processor": video_processor.to_json_string(),
+            "dtype": inputs["pixel_values_videos"].dtype,
+            "chunk": self.model.config.compressor_batch_size,
+        }
+        counts = (inputs["input_ids"] == self.model.config.video_token_id).sum(dim=1).tolist()
+        grid, pixels = inputs["video_grid_thw"], inputs["pixel_values_videos"]
+        offsets = [0] + grid.prod(-1).cumsum(0).tolist()
+        features, done, row = VisionFeatures(), {}, 0
+        for count, frame_key in zip(counts, frame_keys):
+            if not count:
+                continue
+            key = cache.features_key(frame_key, self.model, processing) if frame_key[0] != "object" else None
+            found = done.get(frame_key) or (cache.features.get(key) if key is not None else None)
+            if found is None:
+                rows = pixels[offsets[row] : offsets[row + count]]
+                found = self.model.encode_video_features(rows, grid[row : row + count])
+                if key is not None:
+                    cache.features.put(key, found)
+            done[frame_key] = found
+            features = features + found
+            row += count
+        return features
 
     def postprocess(self, model_outputs):
         output, prepared, videos = model_outputs["output"], model_outputs["prepared"], model_outputs["videos"]

@@ -40,7 +40,8 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .token_allocation import ATA_OPTION_NAMES
-from .video_loading import LoadedVideo, load_video
+from .video_cache import default_video_cache
+from .video_loading import LoadedVideo
 from .video_processing_tempo import TempoVideoProcessor
 
 __all__ = [
@@ -535,8 +536,16 @@ class TempoProcessor(ProcessorMixin):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
 
-        # 1. Pixels first (loading may fail; then nothing else has been done).
-        visuals = [self._prepare_visual(s, load_options, device, pixel_options or {}) for s in sources]
+        # 1. Pixels first (loading may fail; then nothing else has been done). A video or image given
+        # to several samples (several questions about one video) is loaded and processed once.
+        visuals, done = [], {}
+        for sample in sources:
+            identity = _visual_identity(sample)
+            if identity is None or identity not in done:
+                visual = self._prepare_visual(sample, load_options, device, pixel_options or {})
+                if identity is not None:
+                    done[identity] = visual
+            visuals.append(done.get(identity, visual) if identity is not None else visual)
 
         # 2. Decoder rows and compressor rows, sample by sample, in placeholder order.
         template = chat_template or self.chat_template
@@ -599,7 +608,9 @@ class TempoProcessor(ProcessorMixin):
                 if not isinstance(video, LoadedVideo):
                     options = {"fps": vp.fps, "min_frames": vp.min_frames, "max_frames": vp.max_frames}
                     options.update({k: v for k, v in load_options.items() if v is not None})
-                    video = load_video(video, video_metadata=sample["video_metadata"], **options)
+                    video = default_video_cache().load_video(
+                        video, video_metadata=sample["video_metadata"], **options
+                    )
                 out = vp.process_video(
                     video.frames,
                     video.real_fps,
@@ -820,6 +831,18 @@ def _item_kind(item: Any) -> str:
     if "image_url" in item:
         return "image"
     raise ValueError(f"unknown content item {sorted(item)}: expected a 'video', 'image' or 'text' item")
+
+
+def _visual_identity(sample: dict) -> tuple | None:
+    """What makes two samples' visual inputs the same within one call: the same path (and metadata),
+    or the same object. None for samples without one."""
+    for kind in ("video", "image"):
+        value = sample[kind]
+        if value is None:
+            continue
+        source = ("path", os.fspath(value)) if isinstance(value, (str, os.PathLike)) else ("object", id(value))
+        return kind, source, id(sample.get("video_metadata"))
+    return None
 
 
 def _per_sample(values: Any, is_single, name: str) -> list | None:

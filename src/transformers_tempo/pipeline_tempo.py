@@ -10,6 +10,7 @@ import torch
 from transformers import BatchFeature, Pipeline
 
 from .modeling_tempo import VisionFeatures
+from .processing_tempo import PendingVideo
 from .streaming import compress_streaming
 from .token_allocation import ATA_OPTION_NAMES
 from .video_cache import default_video_cache
@@ -166,9 +167,13 @@ class VideoQuestionAnsweringPipeline(Pipeline):
         # On a GPU: resize and patchify there, keep the patches (in the model's dtype) in pinned host
         # memory; compress() uploads them a chunk at a time, so GPU memory does not grow with length.
         pixel_options = {"device": self.device, "pixel_device": "cpu", "pixel_dtype": self.model.dtype} if on_gpu else {}
+        processing = self._processing_key(pixel_options.get("pixel_dtype") or torch.float32)
+        cached = self._cached_features(frame_keys, processing)
+        # Every video's vision features are cached: the compressor needs no pixels, only the layout.
+        without_pixels = bool(cached) and all(k in cached for k, v in zip(frame_keys, videos) if v is not None)
         inputs = self.processor(
             text=[item.get("question") or "" for item in items],
-            videos=videos if any(v is not None for v in videos) else None,
+            videos=[_layout_only(v) for v in videos] if without_pixels else _none_if_all_none(videos),
             return_tensors="pt",
             **pixel_options,
         )
@@ -176,7 +181,30 @@ class VideoQuestionAnsweringPipeline(Pipeline):
             {k: v if k in PIXEL_KEYS else (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         )
         times.preprocess = _sync(self.device) - t0
-        return {"inputs": inputs, "videos": videos, "frame_keys": frame_keys, "times": times}
+        return {
+            "inputs": inputs, "videos": videos, "times": times,
+            "frame_keys": frame_keys, "processing": processing, "cached_features": cached,
+        }
+
+    def _processing_key(self, pixel_dtype) -> dict:
+        """What besides the frames and the weights decides a video's vision features."""
+        return {
+            "video_processor": self.processor.video_processor.to_json_string(),
+            "dtype": pixel_dtype,
+            "chunk": self.model.config.compressor_batch_size,
+        }
+
+    def _cached_features(self, frame_keys, processing) -> dict:
+        """The vision features the process's cache holds for these videos, by frame key."""
+        cache, found = default_video_cache(), {}
+        with torch.no_grad():
+            for frame_key in frame_keys:
+                if frame_key is None or frame_key[0] == "object" or frame_key in found:
+                    continue
+                features = cache.features.get(cache.features_key(frame_key, self.model, processing) or ())
+                if features is not None:
+                    found[frame_key] = features
+        return found
 
     @staticmethod
     def _streams(chunk: list[dict], stream: bool) -> bool:
@@ -210,9 +238,9 @@ class VideoQuestionAnsweringPipeline(Pipeline):
         inputs, times = model_inputs["inputs"], model_inputs["times"]
         t0 = _sync(self.device)
         video_features = None
-        if model_inputs.get("compressed") is None and inputs.get("pixel_values_videos") is not None:
+        if model_inputs.get("compressed") is None and inputs.get("video_grid_thw") is not None:
             with torch.inference_mode():
-                video_features = self._video_features(inputs, model_inputs["frame_keys"])
+                video_features = self._video_features(inputs, model_inputs)
         vision_time = _sync(self.device) - t0
         model_keys = {k: v for k, v in inputs.items() if k not in ATA_OPTION_NAMES}
         for name in ATA_OPTION_NAMES:
@@ -238,7 +266,7 @@ class VideoQuestionAnsweringPipeline(Pipeline):
         times.answer = t2 - t1
         return {"output": output, "prepared": prepared, **model_keys, "videos": model_inputs["videos"], "times": times}
 
-    def _video_features(self, inputs, frame_keys) -> VisionFeatures:
+    def _video_features(self, inputs, model_inputs) -> VisionFeatures:
         """The vision tower's output for every video row of `inputs`: once per distinct video of the
         batch, and taken from the process's video cache when these frames were encoded before.
 
@@ -246,21 +274,17 @@ class VideoQuestionAnsweringPipeline(Pipeline):
         do not depend on what else is in the batch or whether the cache had them.
         """
         cache = default_video_cache()
-        video_processor = self.processor.video_processor
-        processing = {
-            "video_processor": video_processor.to_json_string(),
-            "dtype": inputs["pixel_values_videos"].dtype,
-            "chunk": self.model.config.compressor_batch_size,
-        }
         counts = (inputs["input_ids"] == self.model.config.video_token_id).sum(dim=1).tolist()
-        grid, pixels = inputs["video_grid_thw"], inputs["pixel_values_videos"]
+        grid, pixels = inputs["video_grid_thw"], inputs.get("pixel_values_videos")
         offsets = [0] + grid.prod(-1).cumsum(0).tolist()
-        features, done, row = VisionFeatures(), {}, 0
-        for count, frame_key in zip(counts, frame_keys):
+        features, done, row = VisionFeatures(), dict(model_inputs["cached_features"]), 0
+        for count, frame_key in zip(counts, model_inputs["frame_keys"]):
             if not count:
                 continue
-            key = cache.features_key(frame_key, self.model, processing) if frame_key[0] != "object" else None
-            found = done.get(frame_key) or (cache.features.get(key) if key is not None else None)
+            key = None
+            if frame_key[0] != "object":
+                key = cache.features_key(frame_key, self.model, model_inputs["processing"])
+            found = done.get(frame_key)
             if found is None:
                 rows = pixels[offsets[row] : offsets[row + count]]
                 found = self.model.encode_video_features(rows, grid[row : row + count])
@@ -293,6 +317,18 @@ class VideoQuestionAnsweringPipeline(Pipeline):
             result["timings"] = model_outputs["times"].as_dict()
             results.append(result)
         return results
+
+
+def _layout_only(video):
+    """A decoded video as the processor's `PendingVideo`: its prompts and grid, without pixels."""
+    if video is None:
+        return None
+    height, width = video.frames.shape[1:3]
+    return PendingVideo(num_frames=video.num_frames, real_fps=video.real_fps, height=height, width=width)
+
+
+def _none_if_all_none(videos):
+    return videos if any(v is not None for v in videos) else None
 
 
 def _is_frame_list(video) -> bool:

@@ -648,3 +648,25 @@ def test_frames_given_as_a_whole_video_are_sampled_like_a_file(processor):
     assert as_given["video_grid_thw"].shape[0] == 5  # 40 frames in segments of 8
     assert as_given["video_metadata"].real_fps == 10.0
     assert torch.equal(as_given["pixel_values_videos"], processor.process_video(frames, 10.0)["pixel_values_videos"])
+
+
+def test_pil_mode_survives_the_longer_edge_resize_while_loading(tmp_path):
+    from transformers_tempo.synthetic import write_test_video
+    from transformers_tempo.video_loading import load_video
+
+    exact = TempoVideoProcessor(resize_backend="pil")
+    frames = np.stack([natural_image(720, 1280, seed=s) for s in range(3)])
+    shrunk = load_video(frames, video_metadata={"fps": 2.0}, max_longer_edge=512, resize_backend="pil")
+    assert shrunk.frames.shape == (3, 288, 512, 3)
+    assert torch.equal(exact.process_video(shrunk)["pixel_values_videos"], exact.process_video(frames, 2.0)["pixel_values_videos"])
+
+    path = write_test_video(tmp_path / "hd.mp4", num_frames=4, fps=2, width=1280, height=720, color_fn=_noisy)
+    whole = load_video(path)
+    for backend in ("pil", "torch"):
+        small = load_video(path, max_longer_edge=512, resize_backend=backend)
+        same = torch.equal(exact.process_video(small)["pixel_values_videos"], exact.process_video(whole)["pixel_values_videos"])
+        assert same is (backend == "pil")
+    via_preprocess = exact(str(path), max_longer_edge=512)  # the processor's backend reaches load_video
+    assert torch.equal(via_preprocess["pixel_values_videos"], exact.process_video(whole)["pixel_values_videos"])
+    with pytest.raises(ValueError, match="resize_backend must be"):
+        load_video(frames, max_longer_edge=512, resize_backend="pillow")

@@ -226,6 +226,7 @@ def load_video(
     pin_memory: bool = False,
     num_workers: int | None = None,
     on_frames: Any = None,
+    resize_backend: str = "torch",
 ) -> LoadedVideo:
     """Load and sample a video.
 
@@ -246,7 +247,8 @@ def load_video(
             decoding exactly as `TempoVideoProcessor` would (longer edge to this size, sides
             rounded to multiples of 16, bicubic). The processor's own first resize is then a
             no-op, so results do not change, but a 4K video no longer holds 1024 full-size
-            frames in memory. Use 512 (the processor's limit) for Tempo.
+            frames in memory. Use 512 (the processor's limit) for Tempo, and the processor's
+            `resize_backend` as `resize_backend`.
         pin_memory: decode straight into page-locked memory (when CUDA is available), so the
             frames go to the GPU at full bus speed and asynchronously. For files only.
         num_workers: decode this many keyframe-aligned ranges of a file at once, each in a
@@ -259,6 +261,8 @@ def load_video(
             output buffer (from the decoding threads), so a consumer can start on them while the
             rest of the file decodes (`streaming.generate_streaming` does). Frames given directly
             are reported once, all together.
+        resize_backend: the kernel of the `max_longer_edge` resize, as `TempoVideoProcessor`'s:
+            "torch" (fast) or "pil" (the released PIL bicubic, bit for bit).
 
     Raises:
         VideoLoadError: the input is missing, empty, not a video, has no decodable frame,
@@ -268,15 +272,18 @@ def load_video(
         isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1
     ):
         raise ValueError(f"num_workers must be a positive integer or None, got {num_workers!r}")
+    if resize_backend not in ("torch", "pil"):
+        raise ValueError(f"resize_backend must be 'torch' or 'pil', got {resize_backend!r}")
     if isinstance(video, (np.ndarray, torch.Tensor, list, tuple)):
-        loaded = _load_frames(video, video_metadata, max_longer_edge)
+        loaded = _load_frames(video, video_metadata, max_longer_edge, resize_backend)
         if on_frames is not None:
             on_frames(FramesReady(loaded.frames, list(range(loaded.num_frames)), loaded.real_fps))
         return loaded
     source, name = _open_source(video)
     pin = bool(pin_memory) and torch.cuda.is_available()
     return _load_container(
-        source, name, fps, min_frames, max_frames, num_threads, progress, max_longer_edge, pin, num_workers, on_frames
+        source, name, fps, min_frames, max_frames, num_threads, progress, max_longer_edge, pin, num_workers, on_frames,
+        resize_backend=resize_backend,
     )
 
 
@@ -284,7 +291,7 @@ def load_video(
 # frames given directly
 
 
-def _load_frames(frames: Any, video_metadata: Any, max_longer_edge: int | None) -> LoadedVideo:
+def _load_frames(frames: Any, video_metadata: Any, max_longer_edge: int | None, resize_backend="torch") -> LoadedVideo:
     name = f"frames given as {type(frames).__name__}"
     notes: list[str] = []
     if isinstance(frames, (list, tuple)):
@@ -315,7 +322,7 @@ def _load_frames(frames: Any, video_metadata: Any, max_longer_edge: int | None) 
     if indices is None or len(indices) != frames.shape[0]:
         indices = list(range(frames.shape[0]))
     if max_longer_edge is not None:
-        frames = _limit_longer_edge(frames, max_longer_edge)
+        frames = _limit_longer_edge(frames, max_longer_edge, resize_backend)
     _log_notes(notes)
     count = int(frames.shape[0])
     return LoadedVideo(
@@ -547,7 +554,7 @@ def _video_stream_number(container) -> int:
 
 def _load_container(
     source, name, fps, min_frames, max_frames, num_threads, progress, max_longer_edge, pin_memory=False,
-    num_workers=1, on_frames=None,
+    num_workers=1, on_frames=None, resize_backend="torch",
 ) -> LoadedVideo:
     notes: list[str] = []
     reader = _Reader(source, name)
@@ -583,7 +590,7 @@ def _load_container(
         thread_count = num_threads or max(1, _cpu_count() // len(parts))
     frames = _decode_wanted(
         reader, number, index, wanted, parts, thread_count, notes, progress, max_longer_edge, rotation, pin_memory,
-        listener,
+        listener, resize_backend=resize_backend,
     )
     stats = {
         "decoded_frames": sum(part.stats["decoded_frames"] for part in parts),
@@ -665,7 +672,7 @@ def _plan_parts(targets: list[int], index: _StreamIndex, num_workers: int | None
 
 def _decode_wanted(
     reader, number, index, wanted, parts, thread_count, notes, progress, max_longer_edge, rotation, pin_memory,
-    listener=None,
+    listener=None, resize_backend="torch",
 ) -> torch.Tensor:
     """Decode the frames at presentation indices `wanted` (sorted, repeats allowed), a thread per part."""
     slots: dict[int, list[int]] = {}
@@ -676,7 +683,7 @@ def _decode_wanted(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(slots), desc="decoding", unit="frame")
-    store = _FrameStore(len(wanted), reader.name, max_longer_edge, rotation, pin_memory, bar, listener)
+    store = _FrameStore(len(wanted), reader.name, max_longer_edge, rotation, pin_memory, bar, listener, resize_backend)
     # The number of the first part that failed: the parts after it stop at their next target (one
     # decoder would never get there); those before it go on, as they may fail earlier in the file.
     first_failed = [len(parts)]
@@ -860,7 +867,10 @@ class _FrameStore:
 
     STAGING_FRAMES = 32
 
-    def __init__(self, count, name, max_longer_edge, stream_rotation, pin_memory=False, bar=None, listener=None):
+    def __init__(
+        self, count, name, max_longer_edge, stream_rotation, pin_memory=False, bar=None, listener=None,
+        resize_backend="torch",
+    ):
         self.count = count
         self.listener = listener  # listener(frames, slots) after slots were written
         self.view: torch.Tensor | None = None  # the buffer as a tensor (shares its memory)
@@ -868,6 +878,7 @@ class _FrameStore:
         self.tensor: torch.Tensor | None = None  # owns the buffer's memory when it is pinned
         self.name = name
         self.max_longer_edge = max_longer_edge
+        self.resize_backend = resize_backend
         self.stream_rotation = stream_rotation
         self.bar = bar
         self.buffer: np.ndarray | None = None
@@ -909,7 +920,7 @@ class _FrameStore:
         if not part.staged:
             return
         batch = torch.from_numpy(np.stack([image for image, _ in part.staged]))
-        resized = _limit_longer_edge(batch, self.max_longer_edge).numpy()
+        resized = _limit_longer_edge(batch, self.max_longer_edge, self.resize_backend).numpy()
         for image, (_, slots) in zip(resized, part.staged):
             self._write(image, slots, part.notes)
         part.staged.clear()
@@ -998,12 +1009,14 @@ def _check_aspect_ratio(height: int, width: int, name: str) -> None:
         )
 
 
-def _limit_longer_edge(frames: torch.Tensor, limit: int) -> torch.Tensor:
+def _limit_longer_edge(frames: torch.Tensor, limit: int, resize_backend: str = "torch") -> torch.Tensor:
     """(T, H, W, 3) uint8 -> the same with the processor's longer-edge resize applied."""
-    from .video_processing_tempo import longer_edge_size, resize_frames
+    from .video_processing_tempo import longer_edge_size, resize_frames, resize_frames_pil
 
     height, width = frames.shape[1:3]
     size = longer_edge_size(height, width, limit)
     if size == (height, width):
         return frames
+    if resize_backend == "pil":
+        return resize_frames_pil(frames, [size]).permute(0, 2, 3, 1).contiguous()
     return resize_frames(frames.permute(0, 3, 1, 2), size).permute(0, 2, 3, 1).contiguous()

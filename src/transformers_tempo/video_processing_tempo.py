@@ -47,6 +47,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from transformers.video_processing_utils import BaseVideoProcessor
 from transformers.video_utils import VideoMetadata
 
+from .video_loading import LoadedVideo, TempoVideoMetadata, compute_sample_indices, load_video
+
 __all__ = [
     "TempoVideoProcessor",
     "VideoSegment",
@@ -421,13 +423,11 @@ class TempoVideoProcessor(BaseVideoProcessor):
             num_frames: number of frames to sample (default: the attribute, None).
             fps: sampling rate (default: the attribute, 2.0).
         """
-        from .video_loading import compute_sample_indices
-
-        total = metadata["total_num_frames"]
+        total = metadata.get("total_num_frames")
         if total is None or int(total) < 1:
             raise ValueError(f"video metadata total_num_frames must be a positive number, got {total}")
         fps, min_frames, max_frames = self._sampling(num_frames, fps)
-        indices = compute_sample_indices(int(total), metadata["fps"] or fps, fps, min_frames, max_frames)
+        indices = compute_sample_indices(int(total), metadata.get("fps") or fps, fps, min_frames, max_frames)
         return np.asarray(indices, dtype=np.int64)
 
     def _sampling(self, num_frames: int | None, fps: float | None) -> tuple[float, int, int]:
@@ -716,11 +716,11 @@ class TempoVideoProcessor(BaseVideoProcessor):
             real_fps: frames given with their frame rate: taken as sampled, no metadata needed.
             load_options: further options of `load_video` (`num_workers`, `num_threads`, ...).
         """
-        from .video_loading import LoadedVideo, load_video
-
         if return_tensors not in (None, "pt"):
             raise ValueError(f"TempoVideoProcessor returns PyTorch tensors only; got return_tensors={return_tensors!r}")
         do_sample_frames = self.do_sample_frames if do_sample_frames is None else bool(do_sample_frames)
+        resize_backend = _check_resize_backend(resize_backend or self.resize_backend)
+        load_options.setdefault("resize_backend", resize_backend)  # for a `max_longer_edge` resize while loading
         given_frames = isinstance(videos, (np.ndarray, torch.Tensor, list, tuple))
         if real_fps is not None and given_frames:
             videos = load_video(videos, video_metadata={"fps": real_fps}, **load_options)
@@ -746,8 +746,6 @@ class TempoVideoProcessor(BaseVideoProcessor):
 
     def _sample_loaded(self, video, num_frames: int | None = None, fps: float | None = None):
         """Frames given as a whole video -> the frames `sample_frames` picks, with their metadata."""
-        from .video_loading import LoadedVideo, TempoVideoMetadata
-
         metadata = video.metadata
         indices = self.sample_frames(metadata, num_frames=num_frames, fps=fps)
         duration = metadata.total_num_frames / metadata.fps

@@ -577,6 +577,9 @@ def test_decoded_metadata_is_a_video_metadata(clip_95_frames):
     assert video.frame_indices == metadata.frame_indices == metadata.frames_indices
     assert video.real_fps == metadata.real_fps and video.duration == metadata.duration
     assert video.warnings == metadata.warnings == [] and video.stats["workers"] == 1
+    # the sampled frames given back with their metadata keep their timing (real_fps, not the source's 30)
+    again = load_video(video.frames, video_metadata=metadata)
+    assert again.real_fps == video.real_fps and again.frame_indices == video.frame_indices
 
 
 def _released_indices(total, source_fps, fps=2.0, min_frames=8, max_frames=1024):

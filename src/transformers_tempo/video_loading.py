@@ -369,7 +369,8 @@ def _metadata_timing(video_metadata: Any, name: str) -> tuple[float | None, list
         fps = video_metadata.get("fps")
         indices = video_metadata.get("frames_indices")
     else:
-        fps = getattr(video_metadata, "fps", None)
+        # A TempoVideoMetadata knows the rate of its sampled frames; its `fps` is the source's.
+        fps = getattr(video_metadata, "real_fps", None) or getattr(video_metadata, "fps", None)
         indices = getattr(video_metadata, "frames_indices", None)
     if fps is not None:
         fps = float(fps)

@@ -673,3 +673,12 @@ def test_pil_mode_survives_the_longer_edge_resize_while_loading(tmp_path):
     assert torch.equal(via_preprocess["pixel_values_videos"], exact.process_video(whole)["pixel_values_videos"])
     with pytest.raises(ValueError, match="resize_backend must be"):
         load_video(frames, max_longer_edge=512, resize_backend="pillow")
+
+
+@needs_cuda
+def test_pil_mode_on_cuda_equals_pil_mode_on_cpu(processor):
+    frames = torch.from_numpy(np.stack([natural_image(720, 1280, seed=s) for s in range(9)]))
+    cpu = processor.process_video(frames, real_fps=2.0, resize_backend="pil")
+    gpu = processor.process_video(frames, real_fps=2.0, device="cuda", resize_backend="pil")
+    assert gpu["pixel_values_videos"].is_cuda
+    assert torch.equal(gpu["pixel_values_videos"].cpu(), cpu["pixel_values_videos"])

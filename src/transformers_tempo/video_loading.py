@@ -238,9 +238,9 @@ def load_video(
         min_frames, max_frames: bounds on the number of sampled frames (8 and 1024 as in the
             released evaluation and inference).
         video_metadata: timing of frames given directly (a dict or transformers'
-            `VideoMetadata` with `fps`, optionally `frames_indices`). Frames given directly are
-            taken as already sampled; without an fps they are assumed to be at 2 fps (with a
-            warning). Ignored for files.
+            `VideoMetadata` with `fps`, optionally `frames_indices`; of a `TempoVideoMetadata`,
+            its `real_fps`). Frames given directly are taken as already sampled; without an fps
+            they are assumed to be at 2 fps (with a warning). Ignored for files.
         num_threads: decoder threads (default: FFmpeg's automatic choice).
         progress: show a progress bar while decoding.
         max_longer_edge: if given, frames whose longer edge is larger are resized right after

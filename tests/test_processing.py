@@ -466,6 +466,36 @@ def test_auto_processor_loads_it(tmp_path, tokenizer):
     assert isinstance(AutoProcessor.from_pretrained(tmp_path), TempoProcessor)
 
 
+def test_a_processor_saved_before_the_video_processor_became_a_base_video_processor_still_loads(
+    tmp_path, tokenizer, frames
+):
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoProcessor
+
+    import transformers_tempo  # noqa: F401  (registers TempoProcessor with AutoProcessor)
+
+    # processor_config.json and chat_template.jinja as the code of 2026-12-01 saved
+    # TempoProcessor(TempoVideoProcessor(longest_edge=448, min_frames=4), tokenizer)
+    for name in ("processor_config.json", "chat_template.jinja"):
+        shutil.copy(Path(__file__).parent / "fixtures" / "saved_2026_12_01" / name, tmp_path / name)
+    tokenizer.save_pretrained(tmp_path)
+    expected = TempoProcessor(TempoVideoProcessor(longest_edge=448, min_frames=4), tokenizer)
+    for loaded in (TempoProcessor.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path)):
+        assert isinstance(loaded, TempoProcessor)
+        assert loaded.video_processor.to_dict() == expected.video_processor.to_dict()
+        assert loaded.video_processor.resize_backend == "torch"
+        assert loaded.chat_template == expected.chat_template
+        assert loaded.compressor_chat_template == expected.compressor_chat_template
+        x = expected(text=QUESTION, videos=frames, video_metadata=FPS2)
+        y = loaded(text=QUESTION, videos=frames, video_metadata=FPS2)
+        for key in x:
+            assert torch.equal(x[key], y[key]), key
+    # an option given to from_pretrained reaches the video processor
+    assert TempoProcessor.from_pretrained(tmp_path, resize_backend="pil").video_processor.resize_backend == "pil"
+
+
 # ------------------------------------------------------------------ errors
 def test_mismatched_batch_sizes_name_both_counts(processor, frames):
     with pytest.raises(ValueError, match=r"2 texts but 3 videos"):

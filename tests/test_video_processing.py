@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from transformers_tempo.video_processing_tempo import (
     TempoVideoProcessor,
     longer_edge_size,
     resize_frames,
+    resize_frames_pil,
     segment_frames,
     video_frame_sizes,
 )
@@ -344,3 +348,337 @@ def test_cuda_matches_cpu(processor):
 def _noisy(index, width, height):
     rng = np.random.default_rng(index)
     return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------- exact (PIL) resize mode
+
+
+def released_pil_chain(frames: np.ndarray, qwen3vl_video_processor, segment_length: int = 8):
+    """The released video chain, written out independently of the package: PIL for the longer-edge
+    resize and qwen-vl-utils 0.0.14's `fetch_image`, torchvision v1's float bicubic for the clip
+    resize, transformers' Qwen3-VL video processor for the rest. One segment at a time."""
+
+    def longer_edge(image):  # the released resize_images(resolution=512)
+        w, h = image.size
+        if max(w, h) <= 512:
+            return image
+        ratio = 512 / max(w, h)
+        size = (max(16, int(round(w * ratio / 16) * 16)), max(16, int(round(h * ratio / 16) * 16)))
+        return image.resize(size, resample=Image.Resampling.BICUBIC)
+
+    def qwen_smart_resize(height, width, factor, min_pixels, max_pixels):  # qwen-vl-utils 0.0.14
+        h_bar = max(factor, round(height / factor) * factor)
+        w_bar = max(factor, round(width / factor) * factor)
+        if h_bar * w_bar > max_pixels:
+            beta = math.sqrt(height * width / max_pixels)
+            h_bar = math.floor(height / beta / factor) * factor
+            w_bar = math.floor(width / beta / factor) * factor
+        elif h_bar * w_bar < min_pixels:
+            beta = math.sqrt(min_pixels / (height * width))
+            h_bar = math.ceil(height * beta / factor) * factor
+            w_bar = math.ceil(width * beta / factor) * factor
+        return h_bar, w_bar
+
+    def fetch_image(image):  # image_patch_size 32 (fetch_video's image factor) -> factor 64
+        image = image.convert("RGB")
+        width, height = image.size
+        h, w = qwen_smart_resize(height, width, 64, 4 * 64 * 64, 16384 * 64 * 64)
+        return image.resize((w, h))  # Pillow's default filter for RGB: bicubic
+
+    images = [fetch_image(longer_edge(Image.fromarray(frame))) for frame in frames]
+    pixels, grids = [], []
+    for start in range(0, len(images), segment_length):
+        segment = images[start : start + segment_length]
+        if len(segment) % 2:
+            segment = segment + [segment[-1]]
+        clip = torch.stack([torch.from_numpy(np.array(image).transpose(2, 0, 1)) for image in segment])
+        n, _, height, width = clip.shape
+        min_pixels = 128 * 32 * 32
+        max_pixels = max(min(768 * 32 * 32, 128000 * 32 * 32 * 0.9 / n * 2), int(min_pixels * 1.05))
+        size = qwen_smart_resize(height, width, 32, min_pixels, max_pixels)
+        if size != (height, width):  # torchvision.transforms.functional.resize, bicubic, antialias, uint8
+            resized = torch.nn.functional.interpolate(
+                clip.float(), size=size, mode="bicubic", align_corners=False, antialias=True
+            )
+            clip = resized.clamp(0, 255).round().to(torch.uint8)
+        ref = qwen3vl_video_processor(
+            videos=[clip.float()], do_resize=False, do_sample_frames=False, do_convert_rgb=False,
+            cap_pixels_per_frame=True, return_tensors="pt",
+        )
+        pixels.append(ref["pixel_values_videos"])
+        grids.append(ref["video_grid_thw"])
+    return torch.cat(pixels), torch.cat(grids)
+
+
+@pytest.mark.parametrize("width, height", [(1280, 720), (700, 500), (160, 96), (720, 1280)])
+def test_pil_mode_equals_the_released_chain_bit_for_bit(processor, qwen3vl_video_processor, width, height):
+    frames = np.stack([natural_image(height, width, seed=s) for s in range(9)])  # segments of 8 and 1 (+1)
+    expected_pixels, expected_grid = released_pil_chain(frames, qwen3vl_video_processor)
+
+    exact = processor.process_video(torch.from_numpy(frames), real_fps=2.0, resize_backend="pil")
+    assert torch.equal(exact["video_grid_thw"], expected_grid)
+    assert torch.equal(exact["pixel_values_videos"], expected_pixels)
+    assert torch.equal(TempoVideoProcessor(resize_backend="pil").process_video(frames, 2.0)["pixel_values_videos"],
+                       expected_pixels)
+
+    # the default (torch kernels) stays within 2 grey levels of it
+    fast = processor.process_video(torch.from_numpy(frames), real_fps=2.0)
+    assert torch.equal(fast["video_grid_thw"], expected_grid)
+    assert (fast["pixel_values_videos"] - expected_pixels).abs().max() * 127.5 <= 2 + 1e-4
+
+
+def test_pil_resize_is_pillow_bicubic_frame_by_frame():
+    frames = np.stack([natural_image(120, 200, seed=s) for s in range(5)])
+    sizes = [(96, 160), (64, 128)]
+    out = resize_frames_pil(frames, sizes, num_workers=2)
+    assert out.shape == (5, 3, 64, 128) and out.dtype == torch.uint8
+    for frame, ours in zip(frames, out):
+        image = Image.fromarray(frame).resize((160, 96), Image.BICUBIC).resize((128, 64), Image.BICUBIC)
+        assert np.array_equal(ours.permute(1, 2, 0).numpy(), np.asarray(image))
+    assert torch.equal(resize_frames_pil(frames, sizes, num_workers=1), out)  # threads change nothing
+
+
+def test_pil_mode_from_the_processor_call_and_saved(tmp_path, tokenizer):
+    from transformers_tempo import TempoProcessor
+
+    frames = np.stack([natural_image(300, 640, seed=s) for s in range(4)])
+    pil_processor = TempoProcessor(TempoVideoProcessor(resize_backend="pil"), tokenizer)
+    per_call = TempoProcessor(TempoVideoProcessor(), tokenizer)(
+        text="q", videos=frames, video_metadata={"fps": 2.0}, resize_backend="pil"
+    )
+    by_attribute = pil_processor(text="q", videos=frames, video_metadata={"fps": 2.0})
+    direct = TempoVideoProcessor().process_video(frames, 2.0, resize_backend="pil")
+    assert torch.equal(per_call["pixel_values_videos"], direct["pixel_values_videos"])
+    assert torch.equal(by_attribute["pixel_values_videos"], direct["pixel_values_videos"])
+    assert not torch.equal(TempoVideoProcessor().process_video(frames, 2.0)["pixel_values_videos"],
+                           direct["pixel_values_videos"])  # the two kernels do differ on this picture
+
+    pil_processor.save_pretrained(tmp_path)
+    assert TempoProcessor.from_pretrained(tmp_path).video_processor.resize_backend == "pil"
+    with pytest.raises(ValueError, match="resize_backend must be one of"):
+        pil_processor(text="q", videos=frames, video_metadata={"fps": 2.0}, resize_backend="cv2")
+    with pytest.raises(ValueError, match="resize_backend must be one of"):
+        TempoVideoProcessor(resize_backend="PIL")
+
+
+def test_pil_mode_for_the_longer_edge_of_images():
+    image = natural_image(720, 1280)
+    exact = TempoVideoProcessor(resize_backend="pil").process_image(image, resize_longer_edge=True)
+    shrunk = np.array(Image.fromarray(image).resize((512, 288), Image.BICUBIC))
+    assert torch.equal(exact["pixel_values"], TempoVideoProcessor().process_image(shrunk)["pixel_values"])
+
+
+# ---------------------------------------------------------------------------- transformers video-processor contract
+
+FIXTURES = Path(__file__).parent / "fixtures" / "saved_2026_12_01"
+
+
+def test_is_a_transformers_video_processor_without_torchvision():
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    assert isinstance(TempoVideoProcessor(), BaseVideoProcessor)
+    # whether or not torchvision is installed, nothing above needed it
+
+
+def test_save_writes_video_preprocessor_config_and_loads_back_identically(tmp_path):
+    custom = TempoVideoProcessor(resize_backend="pil", num_frames=32, do_sample_frames=False, longest_edge=448)
+    custom.save_pretrained(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["video_preprocessor_config.json"]
+    saved = json.loads((tmp_path / "video_preprocessor_config.json").read_text())
+    assert saved["resize_backend"] == "pil" and saved["num_frames"] == 32 and saved["do_sample_frames"] is False
+    loaded = TempoVideoProcessor.from_pretrained(tmp_path)
+    assert loaded.to_dict() == custom.to_dict()
+    assert (loaded.resize_backend, loaded.num_frames, loaded.do_sample_frames) == ("pil", 32, False)
+
+
+def test_a_video_processor_saved_before_this_change_still_loads():
+    # video_preprocessor_config.json written by the code of 2026-12-01 (before resize_backend,
+    # num_frames, do_sample_frames existed) for TempoVideoProcessor(longest_edge=448, max_frames=256)
+    loaded = TempoVideoProcessor.from_pretrained(FIXTURES / "video_preprocessor_config.json")
+    assert loaded.to_dict() == TempoVideoProcessor(longest_edge=448, max_frames=256).to_dict()
+    assert (loaded.resize_backend, loaded.num_frames, loaded.do_sample_frames) == ("torch", None, True)
+
+
+def _auto_video_processor_round_trip(auto_class, tmp_path):
+    custom = TempoVideoProcessor(resize_backend="pil", min_frames=4)
+    custom.save_pretrained(tmp_path)
+    loaded = auto_class.from_pretrained(tmp_path)
+    assert type(loaded) is TempoVideoProcessor
+    assert loaded.to_dict() == custom.to_dict()
+
+
+def test_auto_video_processor_round_trip(tmp_path):
+    import transformers_tempo  # noqa: F401  (registers Tempo with the auto classes)
+
+    try:
+        from transformers.models.auto.video_processing_auto import AutoVideoProcessor
+
+        _auto_video_processor_round_trip(AutoVideoProcessor, tmp_path)
+    except ImportError as error:
+        pytest.skip(f"AutoVideoProcessor cannot be used here: {error}")
+
+
+def test_top_level_auto_video_processor_round_trip(tmp_path):
+    import transformers
+
+    import transformers_tempo  # noqa: F401
+
+    try:
+        transformers.AutoVideoProcessor.register
+    except ImportError as error:  # transformers' placeholder without torchvision
+        pytest.skip(f"transformers.AutoVideoProcessor needs torchvision here: {str(error).strip()[:60]}")
+    _auto_video_processor_round_trip(transformers.AutoVideoProcessor, tmp_path)
+
+
+def test_auto_video_processor_reads_a_saved_tempo_processor(tmp_path, tokenizer):
+    from transformers_tempo import TempoProcessor
+
+    try:
+        from transformers.models.auto.video_processing_auto import AutoVideoProcessor
+    except ImportError as error:
+        pytest.skip(f"AutoVideoProcessor cannot be used here: {error}")
+    TempoProcessor(TempoVideoProcessor(longest_edge=384), tokenizer).save_pretrained(tmp_path)
+    loaded = AutoVideoProcessor.from_pretrained(tmp_path)  # the "video_processor" entry of processor_config.json
+    assert type(loaded) is TempoVideoProcessor and loaded.longest_edge == 384
+
+
+# ---------------------------------------------------------------------------- metadata and sampling
+
+
+@pytest.fixture(scope="module")
+def clip_95_frames(tmp_path_factory):
+    from transformers_tempo.synthetic import write_test_video
+
+    return write_test_video(tmp_path_factory.mktemp("v") / "clip.mp4", num_frames=95, fps=30, width=96, height=64)
+
+
+def test_decoded_metadata_is_a_video_metadata(clip_95_frames):
+    from transformers.video_utils import VideoMetadata
+
+    from transformers_tempo.video_loading import TempoVideoMetadata, load_video
+
+    video = load_video(clip_95_frames)
+    metadata = video.metadata
+    assert isinstance(metadata, VideoMetadata) and isinstance(metadata, TempoVideoMetadata)
+    # 95 frames at 30 fps: 3.1667 s -> round(6.33) = 6 -> 8 frames (min_frames); 8 / 3.1667 fps
+    assert (metadata.total_num_frames, metadata.fps, metadata.video_backend) == (95, 30.0, "pyav")
+    assert (metadata.height, metadata.width) == (64, 96)
+    assert metadata.duration == pytest.approx(95 / 30)
+    assert metadata.real_fps == pytest.approx(8 / (95 / 30))
+    assert metadata.frames_indices == [0, 13, 27, 40, 54, 67, 81, 94]
+    # transformers' own view of it: only VideoMetadata's fields
+    plain = VideoMetadata(**metadata)
+    assert plain.frames_indices == metadata.frames_indices and plain.fps == 30.0
+    assert set(dict(metadata)) == {"total_num_frames", "fps", "width", "height", "duration", "video_backend",
+                                   "frames_indices"}
+    # the old names, on the video and on its metadata
+    assert video.source_fps == metadata.source_fps == 30.0
+    assert video.total_frames == metadata.total_frames == 95
+    assert video.frame_indices == metadata.frame_indices == metadata.frames_indices
+    assert video.real_fps == metadata.real_fps and video.duration == metadata.duration
+    assert video.warnings == metadata.warnings == [] and video.stats["workers"] == 1
+    # the sampled frames given back with their metadata keep their timing (real_fps, not the source's 30)
+    again = load_video(video.frames, video_metadata=metadata)
+    assert again.real_fps == video.real_fps and again.frame_indices == video.frame_indices
+
+
+def _released_indices(total, source_fps, fps=2.0, min_frames=8, max_frames=1024):
+    """The released sampling rule, written out independently: n = round(duration * fps) clamped,
+    indices = round-half-even of linspace(0, total - 1, n)."""
+    if total <= 1:
+        return [0]
+    n = min(max(max(1, round(total / source_fps * fps)), min_frames), max_frames)
+    if n == 1:
+        return [total - 1]
+    return [round(i * (total - 1) / (n - 1)) for i in range(n)]
+
+
+@pytest.mark.parametrize("total, source_fps", [(1, 30), (7, 30), (95, 30), (300, 29.97), (3000, 25), (90000, 30)])
+def test_sample_frames_gives_tempos_indices(processor, total, source_fps):
+    from transformers.video_utils import VideoMetadata
+
+    from transformers_tempo.video_loading import compute_sample_indices
+
+    indices = processor.sample_frames(VideoMetadata(total_num_frames=total, fps=source_fps))
+    assert indices.tolist() == _released_indices(total, source_fps)
+    assert indices.tolist() == compute_sample_indices(total, source_fps)
+    assert processor.sample_frames({"total_num_frames": total, "fps": source_fps}).tolist() == indices.tolist()
+
+
+def test_sample_frames_fps_and_num_frames(processor):
+    from transformers.video_utils import VideoMetadata
+
+    metadata = VideoMetadata(total_num_frames=300, fps=30.0)  # 10 s
+    assert processor.sample_frames(metadata, fps=1.0).tolist() == _released_indices(300, 30.0, fps=1.0)
+    # num_frames: exactly that many, spread as Tempo spreads them (no min_frames / max_frames)
+    assert processor.sample_frames(metadata, num_frames=5).tolist() == [0, 75, 150, 224, 299]
+    assert TempoVideoProcessor(num_frames=5).sample_frames(metadata).tolist() == [0, 75, 150, 224, 299]
+    assert TempoVideoProcessor(num_frames=5).sample_frames(metadata, fps=1.0).tolist() == _released_indices(
+        300, 30.0, fps=1.0
+    )  # an explicit fps wins over the num_frames attribute
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        processor.sample_frames(metadata, num_frames=5, fps=1.0)
+    with pytest.raises(ValueError, match="num_frames must be a positive integer"):
+        processor.sample_frames(metadata, num_frames=0)
+
+
+def test_a_file_is_decoded_at_the_sample_frames_indices(processor, clip_95_frames):
+    from transformers_tempo.video_loading import load_video
+
+    out = processor(str(clip_95_frames), return_metadata=True)
+    metadata = out["video_metadata"]
+    assert metadata.frames_indices == processor.sample_frames(metadata).tolist() == load_video(clip_95_frames).frame_indices
+    expected = processor.process_video(load_video(clip_95_frames))
+    assert torch.equal(out["pixel_values_videos"], expected["pixel_values_videos"])
+    assert out["segment_centers"] == expected["segment_centers"]
+
+    four = processor(str(clip_95_frames), num_frames=4, return_metadata=True)["video_metadata"]
+    assert four.frames_indices == [0, 31, 63, 94] and four.real_fps == pytest.approx(4 / (95 / 30))
+    with pytest.raises(ValueError, match="do_sample_frames=False"):
+        processor(str(clip_95_frames), do_sample_frames=False)
+
+
+def test_frames_given_as_a_whole_video_are_sampled_like_a_file(processor):
+    frames = torch.from_numpy(make_frames(40, width=64, height=64))  # 4 s at 10 fps -> 8 frames at 2 fps
+    out = processor(frames, video_metadata={"fps": 10.0}, return_metadata=True)
+    indices = _released_indices(40, 10.0)
+    assert out["video_metadata"].frames_indices == indices
+    assert out["video_metadata"].real_fps == 8 / 4.0
+    assert torch.equal(out["pixel_values_videos"], processor.process_video(frames[indices], 2.0)["pixel_values_videos"])
+
+    # do_sample_frames=False: the frames are the sampled ones, at the metadata's fps
+    as_given = processor(frames, video_metadata={"fps": 10.0}, do_sample_frames=False, return_metadata=True)
+    assert as_given["video_grid_thw"].shape[0] == 5  # 40 frames in segments of 8
+    assert as_given["video_metadata"].real_fps == 10.0
+    assert torch.equal(as_given["pixel_values_videos"], processor.process_video(frames, 10.0)["pixel_values_videos"])
+
+
+def test_pil_mode_survives_the_longer_edge_resize_while_loading(tmp_path):
+    from transformers_tempo.synthetic import write_test_video
+    from transformers_tempo.video_loading import load_video
+
+    exact = TempoVideoProcessor(resize_backend="pil")
+    frames = np.stack([natural_image(720, 1280, seed=s) for s in range(3)])
+    shrunk = load_video(frames, video_metadata={"fps": 2.0}, max_longer_edge=512, resize_backend="pil")
+    assert shrunk.frames.shape == (3, 288, 512, 3)
+    assert torch.equal(exact.process_video(shrunk)["pixel_values_videos"], exact.process_video(frames, 2.0)["pixel_values_videos"])
+
+    path = write_test_video(tmp_path / "hd.mp4", num_frames=4, fps=2, width=1280, height=720, color_fn=_noisy)
+    whole = load_video(path)
+    for backend in ("pil", "torch"):
+        small = load_video(path, max_longer_edge=512, resize_backend=backend)
+        same = torch.equal(exact.process_video(small)["pixel_values_videos"], exact.process_video(whole)["pixel_values_videos"])
+        assert same is (backend == "pil")
+    via_preprocess = exact(str(path), max_longer_edge=512)  # the processor's backend reaches load_video
+    assert torch.equal(via_preprocess["pixel_values_videos"], exact.process_video(whole)["pixel_values_videos"])
+    with pytest.raises(ValueError, match="resize_backend must be"):
+        load_video(frames, max_longer_edge=512, resize_backend="pillow")
+
+
+@needs_cuda
+def test_pil_mode_on_cuda_equals_pil_mode_on_cpu(processor):
+    frames = torch.from_numpy(np.stack([natural_image(720, 1280, seed=s) for s in range(9)]))
+    cpu = processor.process_video(frames, real_fps=2.0, resize_backend="pil")
+    gpu = processor.process_video(frames, real_fps=2.0, device="cuda", resize_backend="pil")
+    assert gpu["pixel_values_videos"].is_cuda
+    assert torch.equal(gpu["pixel_values_videos"].cpu(), cpu["pixel_values_videos"])

@@ -42,7 +42,7 @@ from transformers.processing_utils import ProcessorMixin
 from .token_allocation import ATA_OPTION_NAMES
 from .video_cache import default_video_cache
 from .video_loading import LoadedVideo
-from .video_processing_tempo import TempoVideoProcessor
+from .video_processing_tempo import RESIZE_BACKENDS, TempoVideoProcessor
 
 __all__ = [
     "COMPRESSOR_CHAT_TEMPLATE",
@@ -235,8 +235,8 @@ class TempoProcessor(ProcessorMixin):
     # -- transformers plumbing -----------------------------------------------------------
 
     def check_argument_for_proper_class(self, argument_name, argument):
-        # transformers resolves the video processor base class through AutoVideoProcessor,
-        # which needs torchvision; Tempo's video processor does not, so check it directly.
+        # Any transformers video processor would pass the generic check; Tempo's processor needs
+        # its own (it calls process_video / segment_grids).
         if argument_name == "video_processor":
             if not isinstance(argument, TempoVideoProcessor):
                 raise TypeError(f"video_processor must be a TempoVideoProcessor, got {type(argument).__name__}")
@@ -245,7 +245,9 @@ class TempoProcessor(ProcessorMixin):
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        # Same files as transformers' default, without going through AutoVideoProcessor (torchvision).
+        # Same files as transformers' default (the nested "video_processor" entry of
+        # processor_config.json, else video_preprocessor_config.json), without transformers'
+        # top-level AutoVideoProcessor, which refuses to run without torchvision.
         video_processor = TempoVideoProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
         return [video_processor, tokenizer]
@@ -287,6 +289,7 @@ class TempoProcessor(ProcessorMixin):
         device: str | torch.device | None = None,
         pixel_dtype: torch.dtype | None = None,
         pixel_device: str | torch.device | None = None,
+        resize_backend: str | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Inputs for one sample or a batch.
@@ -316,6 +319,8 @@ class TempoProcessor(ProcessorMixin):
             pixel_device: where the pixel values end up (default: `device`). `device="cuda",
                 pixel_device="cpu"`: made on the GPU, kept in pinned host memory; `compress` moves
                 them a chunk at a time, so GPU memory stays flat in video length.
+            resize_backend: "torch" (fast) or "pil" (the released pixels bit for bit); default:
+                the video processor's `resize_backend`.
         """
         if kwargs:
             raise TypeError(f"TempoProcessor got unexpected keyword arguments: {sorted(kwargs)}")
@@ -347,7 +352,7 @@ class TempoProcessor(ProcessorMixin):
                 "token_selection": token_selection,
             },
             device=device,
-            pixel_options={"dtype": pixel_dtype, "output_device": pixel_device},
+            pixel_options={"dtype": pixel_dtype, "output_device": pixel_device, "resize_backend": resize_backend},
         )
 
     def apply_chat_template(
@@ -535,6 +540,9 @@ class TempoProcessor(ProcessorMixin):
         padding_side = padding_side or "left"
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        backend = (pixel_options or {}).get("resize_backend")
+        if backend is not None and backend not in RESIZE_BACKENDS:
+            raise ValueError(f"resize_backend must be one of {RESIZE_BACKENDS}, got {backend!r}")
 
         # 1. Pixels first (loading may fail; then nothing else has been done). A video or image given
         # to several samples (several questions about one video) is loaded and processed once.
@@ -618,6 +626,7 @@ class TempoProcessor(ProcessorMixin):
                     frames_per_segment=vp.frames_per_segment,
                     dtype=pixel_options.get("dtype"),
                     output_device=pixel_options.get("output_device"),
+                    resize_backend=pixel_options.get("resize_backend"),
                 )
             except (ValueError, TypeError, OSError) as error:
                 raise ValueError(f"sample {index}: could not read its video: {error}") from error

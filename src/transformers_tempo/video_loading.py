@@ -32,17 +32,25 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from transformers.utils import logging
+from transformers.video_utils import VideoMetadata
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["FramesReady", "LoadedVideo", "VideoLoadError", "compute_sample_indices", "load_video"]
+__all__ = [
+    "FramesReady",
+    "LoadedVideo",
+    "TempoVideoMetadata",
+    "VideoLoadError",
+    "compute_sample_indices",
+    "load_video",
+]
 
 # Seek to the next wanted frame's keyframe only when that skips at least this many frames;
 # below it, decoding forward is as cheap as a seek (which also drains the threaded decoder).
@@ -62,35 +70,104 @@ class VideoLoadError(ValueError):
 
 
 @dataclass
-class LoadedVideo:
-    """Sampled frames of one video and their timing.
+class TempoVideoMetadata(VideoMetadata):
+    """transformers' `VideoMetadata` of a sampled video, with what Tempo adds.
+
+    The fields of `VideoMetadata` keep their transformers meaning: `total_num_frames` and `fps` are
+    the source's, `frames_indices` the source index of each sampled frame (presentation order),
+    `duration` is ``total_num_frames / fps``, `height` / `width` the size of the frames returned.
+    Iterating over it (``dict(metadata)``, ``VideoMetadata(**metadata)``) gives those fields only,
+    so it can go wherever transformers expects a `VideoMetadata`.
 
     Attributes:
-        frames: uint8 tensor (T, H, W, 3), RGB, upright (rotation metadata applied).
-        real_fps: frame rate of the sampled frames, ``T / duration``; timestamps use it.
-        duration: seconds, ``total_frames / source_fps``.
-        frame_indices: source frame index of each sampled frame (presentation order).
-        source_fps: average frame rate of the source.
-        total_frames: number of frames of the source.
+        real_fps: frame rate of the sampled frames, ``len(frames_indices) / duration``; every
+            Tempo timestamp is computed from it.
         warnings: everything that was guessed, repaired or worked around.
         stats: decoding statistics, empty for frames given directly: ``decoded_frames`` and ``seeks``
             (summed over the workers) and ``workers``. Each worker starts at the keyframe of its
             range, so several workers can decode fewer frames than one that decodes through the
             gaps between ranges (or a few more, where a seek lands early).
+
+    The names this package used before (`source_fps`, `total_frames`, `frame_indices`) still work.
     """
 
-    frames: torch.Tensor
-    real_fps: float
-    duration: float
-    frame_indices: list[int]
-    source_fps: float
-    total_frames: int
+    real_fps: float | None = None
     warnings: list[str] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)
+
+    def __iter__(self):
+        return (f.name for f in fields(VideoMetadata))
+
+    def __len__(self):
+        return len(fields(VideoMetadata))
+
+    source_fps = property(lambda self: self.fps, lambda self, value: setattr(self, "fps", value))
+    total_frames = property(
+        lambda self: self.total_num_frames, lambda self, value: setattr(self, "total_num_frames", value)
+    )
+    frame_indices = property(
+        lambda self: self.frames_indices, lambda self, value: setattr(self, "frames_indices", value)
+    )
+
+
+class LoadedVideo:
+    """Sampled frames of one video and their metadata.
+
+    Attributes:
+        frames: uint8 tensor (T, H, W, 3), RGB, upright (rotation metadata applied).
+        metadata: a `TempoVideoMetadata` (transformers' `VideoMetadata` plus `real_fps`, `warnings`,
+            `stats`).
+
+    The metadata is also readable here under its old names: `real_fps`, `duration`,
+    `frame_indices`, `source_fps` (the source's average frame rate), `total_frames` (of the
+    source), `warnings` and `stats`; `LoadedVideo(frames, real_fps=..., ...)` with those names
+    builds the metadata.
+    """
+
+    def __init__(
+        self,
+        frames: torch.Tensor,
+        metadata: TempoVideoMetadata | None = None,
+        *,
+        real_fps: float | None = None,
+        duration: float | None = None,
+        frame_indices: list[int] | None = None,
+        source_fps: float | None = None,
+        total_frames: int | None = None,
+        warnings: list[str] | None = None,
+        stats: dict[str, int] | None = None,
+        video_backend: str | None = None,
+    ):
+        self.frames = frames
+        if metadata is None:
+            metadata = TempoVideoMetadata(
+                total_num_frames=total_frames,
+                fps=source_fps,
+                width=int(frames.shape[2]),
+                height=int(frames.shape[1]),
+                duration=duration,
+                video_backend=video_backend,
+                frames_indices=list(frame_indices) if frame_indices is not None else None,
+                real_fps=real_fps,
+                warnings=warnings if warnings is not None else [],
+                stats=stats if stats is not None else {},
+            )
+        self.metadata = metadata
+
+    def __repr__(self) -> str:
+        return f"LoadedVideo(frames={tuple(self.frames.shape)}, metadata={self.metadata!r})"
 
     @property
     def num_frames(self) -> int:
         return int(self.frames.shape[0])
+
+    real_fps = property(lambda self: self.metadata.real_fps)
+    duration = property(lambda self: self.metadata.duration)
+    frame_indices = property(lambda self: self.metadata.frames_indices)
+    source_fps = property(lambda self: self.metadata.fps)
+    total_frames = property(lambda self: self.metadata.total_num_frames)
+    warnings = property(lambda self: self.metadata.warnings)
+    stats = property(lambda self: self.metadata.stats)
 
 
 @dataclass
@@ -149,6 +226,7 @@ def load_video(
     pin_memory: bool = False,
     num_workers: int | None = None,
     on_frames: Any = None,
+    resize_backend: str = "torch",
 ) -> LoadedVideo:
     """Load and sample a video.
 
@@ -160,16 +238,17 @@ def load_video(
         min_frames, max_frames: bounds on the number of sampled frames (8 and 1024 as in the
             released evaluation and inference).
         video_metadata: timing of frames given directly (a dict or transformers'
-            `VideoMetadata` with `fps`, optionally `frames_indices`). Frames given directly are
-            taken as already sampled; without an fps they are assumed to be at 2 fps (with a
-            warning). Ignored for files.
+            `VideoMetadata` with `fps`, optionally `frames_indices`; of a `TempoVideoMetadata`,
+            its `real_fps`). Frames given directly are taken as already sampled; without an fps
+            they are assumed to be at 2 fps (with a warning). Ignored for files.
         num_threads: decoder threads (default: FFmpeg's automatic choice).
         progress: show a progress bar while decoding.
         max_longer_edge: if given, frames whose longer edge is larger are resized right after
             decoding exactly as `TempoVideoProcessor` would (longer edge to this size, sides
             rounded to multiples of 16, bicubic). The processor's own first resize is then a
             no-op, so results do not change, but a 4K video no longer holds 1024 full-size
-            frames in memory. Use 512 (the processor's limit) for Tempo.
+            frames in memory. Use 512 (the processor's limit) for Tempo, and the processor's
+            `resize_backend` as `resize_backend`.
         pin_memory: decode straight into page-locked memory (when CUDA is available), so the
             frames go to the GPU at full bus speed and asynchronously. For files only.
         num_workers: decode this many keyframe-aligned ranges of a file at once, each in a
@@ -182,6 +261,8 @@ def load_video(
             output buffer (from the decoding threads), so a consumer can start on them while the
             rest of the file decodes (`streaming.generate_streaming` does). Frames given directly
             are reported once, all together.
+        resize_backend: the kernel of the `max_longer_edge` resize, as `TempoVideoProcessor`'s:
+            "torch" (fast) or "pil" (the released PIL bicubic, bit for bit).
 
     Raises:
         VideoLoadError: the input is missing, empty, not a video, has no decodable frame,
@@ -191,15 +272,18 @@ def load_video(
         isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1
     ):
         raise ValueError(f"num_workers must be a positive integer or None, got {num_workers!r}")
+    if resize_backend not in ("torch", "pil"):
+        raise ValueError(f"resize_backend must be 'torch' or 'pil', got {resize_backend!r}")
     if isinstance(video, (np.ndarray, torch.Tensor, list, tuple)):
-        loaded = _load_frames(video, video_metadata, max_longer_edge)
+        loaded = _load_frames(video, video_metadata, max_longer_edge, resize_backend)
         if on_frames is not None:
             on_frames(FramesReady(loaded.frames, list(range(loaded.num_frames)), loaded.real_fps))
         return loaded
     source, name = _open_source(video)
     pin = bool(pin_memory) and torch.cuda.is_available()
     return _load_container(
-        source, name, fps, min_frames, max_frames, num_threads, progress, max_longer_edge, pin, num_workers, on_frames
+        source, name, fps, min_frames, max_frames, num_threads, progress, max_longer_edge, pin, num_workers, on_frames,
+        resize_backend=resize_backend,
     )
 
 
@@ -207,7 +291,7 @@ def load_video(
 # frames given directly
 
 
-def _load_frames(frames: Any, video_metadata: Any, max_longer_edge: int | None) -> LoadedVideo:
+def _load_frames(frames: Any, video_metadata: Any, max_longer_edge: int | None, resize_backend="torch") -> LoadedVideo:
     name = f"frames given as {type(frames).__name__}"
     notes: list[str] = []
     if isinstance(frames, (list, tuple)):
@@ -238,7 +322,7 @@ def _load_frames(frames: Any, video_metadata: Any, max_longer_edge: int | None) 
     if indices is None or len(indices) != frames.shape[0]:
         indices = list(range(frames.shape[0]))
     if max_longer_edge is not None:
-        frames = _limit_longer_edge(frames, max_longer_edge)
+        frames = _limit_longer_edge(frames, max_longer_edge, resize_backend)
     _log_notes(notes)
     count = int(frames.shape[0])
     return LoadedVideo(
@@ -285,7 +369,8 @@ def _metadata_timing(video_metadata: Any, name: str) -> tuple[float | None, list
         fps = video_metadata.get("fps")
         indices = video_metadata.get("frames_indices")
     else:
-        fps = getattr(video_metadata, "fps", None)
+        # A TempoVideoMetadata knows the rate of its sampled frames; its `fps` is the source's.
+        fps = getattr(video_metadata, "real_fps", None) or getattr(video_metadata, "fps", None)
         indices = getattr(video_metadata, "frames_indices", None)
     if fps is not None:
         fps = float(fps)
@@ -470,7 +555,7 @@ def _video_stream_number(container) -> int:
 
 def _load_container(
     source, name, fps, min_frames, max_frames, num_threads, progress, max_longer_edge, pin_memory=False,
-    num_workers=1, on_frames=None,
+    num_workers=1, on_frames=None, resize_backend="torch",
 ) -> LoadedVideo:
     notes: list[str] = []
     reader = _Reader(source, name)
@@ -506,7 +591,7 @@ def _load_container(
         thread_count = num_threads or max(1, _cpu_count() // len(parts))
     frames = _decode_wanted(
         reader, number, index, wanted, parts, thread_count, notes, progress, max_longer_edge, rotation, pin_memory,
-        listener,
+        listener, resize_backend=resize_backend,
     )
     stats = {
         "decoded_frames": sum(part.stats["decoded_frames"] for part in parts),
@@ -524,6 +609,7 @@ def _load_container(
         total_frames=total,
         warnings=notes,
         stats=stats,
+        video_backend="pyav",
     )
 
 
@@ -587,7 +673,7 @@ def _plan_parts(targets: list[int], index: _StreamIndex, num_workers: int | None
 
 def _decode_wanted(
     reader, number, index, wanted, parts, thread_count, notes, progress, max_longer_edge, rotation, pin_memory,
-    listener=None,
+    listener=None, resize_backend="torch",
 ) -> torch.Tensor:
     """Decode the frames at presentation indices `wanted` (sorted, repeats allowed), a thread per part."""
     slots: dict[int, list[int]] = {}
@@ -598,7 +684,7 @@ def _decode_wanted(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(slots), desc="decoding", unit="frame")
-    store = _FrameStore(len(wanted), reader.name, max_longer_edge, rotation, pin_memory, bar, listener)
+    store = _FrameStore(len(wanted), reader.name, max_longer_edge, rotation, pin_memory, bar, listener, resize_backend)
     # The number of the first part that failed: the parts after it stop at their next target (one
     # decoder would never get there); those before it go on, as they may fail earlier in the file.
     first_failed = [len(parts)]
@@ -782,7 +868,10 @@ class _FrameStore:
 
     STAGING_FRAMES = 32
 
-    def __init__(self, count, name, max_longer_edge, stream_rotation, pin_memory=False, bar=None, listener=None):
+    def __init__(
+        self, count, name, max_longer_edge, stream_rotation, pin_memory=False, bar=None, listener=None,
+        resize_backend="torch",
+    ):
         self.count = count
         self.listener = listener  # listener(frames, slots) after slots were written
         self.view: torch.Tensor | None = None  # the buffer as a tensor (shares its memory)
@@ -790,6 +879,7 @@ class _FrameStore:
         self.tensor: torch.Tensor | None = None  # owns the buffer's memory when it is pinned
         self.name = name
         self.max_longer_edge = max_longer_edge
+        self.resize_backend = resize_backend
         self.stream_rotation = stream_rotation
         self.bar = bar
         self.buffer: np.ndarray | None = None
@@ -831,7 +921,7 @@ class _FrameStore:
         if not part.staged:
             return
         batch = torch.from_numpy(np.stack([image for image, _ in part.staged]))
-        resized = _limit_longer_edge(batch, self.max_longer_edge).numpy()
+        resized = _limit_longer_edge(batch, self.max_longer_edge, self.resize_backend).numpy()
         for image, (_, slots) in zip(resized, part.staged):
             self._write(image, slots, part.notes)
         part.staged.clear()
@@ -920,12 +1010,14 @@ def _check_aspect_ratio(height: int, width: int, name: str) -> None:
         )
 
 
-def _limit_longer_edge(frames: torch.Tensor, limit: int) -> torch.Tensor:
+def _limit_longer_edge(frames: torch.Tensor, limit: int, resize_backend: str = "torch") -> torch.Tensor:
     """(T, H, W, 3) uint8 -> the same with the processor's longer-edge resize applied."""
-    from .video_processing_tempo import longer_edge_size, resize_frames
+    from .video_processing_tempo import longer_edge_size, resize_frames, resize_frames_pil
 
     height, width = frames.shape[1:3]
     size = longer_edge_size(height, width, limit)
     if size == (height, width):
         return frames
+    if resize_backend == "pil":
+        return resize_frames_pil(frames, [size]).permute(0, 2, 3, 1).contiguous()
     return resize_frames(frames.permute(0, 3, 1, 2), size).permute(0, 2, 3, 1).contiguous()

@@ -16,19 +16,26 @@ is the chain below, applied here to the whole clip at once (all segments share a
 then rescale 1/255, normalise with mean 0.5 / std 0.5 (fused, as transformers does it) and
 lay out Qwen3-VL patches: patch 16, temporal patch 2, merge 2 -> rows of 3*2*16*16 = 1536.
 
-Bicubic kernels. Steps (a) and (b) use PIL in the reference. On CPU we use torch's uint8
-antialiased bicubic kernel, which is a port of Pillow's: on a natural photo it differs from
-PIL by at most 1 grey level on 0.04-0.2 % of the values (mean abs difference <= 0.003), and it
-is about 12x faster than PIL and runs on the whole stack of frames at once. On CUDA (no uint8
-kernel there) the same resize runs in float32, clamped and rounded; that differs from PIL by at
-most 3 grey levels (mean abs difference ~0.15-0.19). Step (c) and the single-image path use
-exactly the kernels the reference uses (torchvision's float path for (c); torchvision's uint8
-path, i.e. torch's uint8 kernel, for images).
+Bicubic kernels. Steps (a) and (b) use PIL in the reference. Two backends, `resize_backend`:
+
+* "torch" (default): torch's uint8 antialiased bicubic kernel on CPU, a port of Pillow's: on a
+  natural photo it differs from PIL by at most 1 grey level on 0.04-0.2 % of the values (mean
+  abs difference <= 0.003), and it runs on the whole stack of frames at once, several times
+  faster than PIL (benchmarks/results/README.md). On CUDA (no uint8 kernel there) the same
+  resize runs in float32, clamped and rounded; that differs from PIL by at most 3 grey levels
+  (mean abs difference ~0.15-0.19).
+* "pil": PIL's bicubic resize, frame by frame, exactly as the reference calls it, so the pixels
+  equal the reference's bit for bit (step (c) then runs on the CPU too, as in the reference).
+  For reproducing published numbers.
+
+Step (c) and the single-image path use exactly the kernels the reference uses (torchvision's
+float path for (c); torchvision's uint8 path, i.e. torch's uint8 kernel, for images).
 """
 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -37,7 +44,10 @@ import torch
 import torch.nn.functional as F
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as qwen2vl_image_smart_resize
-from transformers.video_processing_utils import VideoProcessorMixin
+from transformers.video_processing_utils import BaseVideoProcessor
+from transformers.video_utils import VideoMetadata
+
+from .video_loading import LoadedVideo, TempoVideoMetadata, compute_sample_indices, load_video
 
 __all__ = [
     "TempoVideoProcessor",
@@ -46,12 +56,15 @@ __all__ = [
     "longer_edge_size",
     "qwen_vl_utils_smart_resize",
     "resize_frames",
+    "resize_frames_pil",
     "segment_frames",
     "video_frame_sizes",
 ]
 
 # How many frames one interpolate call handles; bounds the float32 scratch memory.
 RESIZE_CHUNK_FRAMES = 64
+# Kernels for steps (a) and (b): torch's uint8 kernel (fast), or PIL's (the reference's, exact).
+RESIZE_BACKENDS = ("torch", "pil")
 
 
 # ----------------------------------------------------------------------------------------
@@ -197,6 +210,41 @@ def upload_and_resize(
     return out
 
 
+def resize_frames_pil(frames: Any, sizes: list[tuple[int, int]], num_workers: int | None = None) -> torch.Tensor:
+    """(T, H, W, 3) uint8 frames (CPU) -> (T, 3, h, w) uint8, each frame resized through `sizes`
+    in turn with PIL's bicubic filter, as the reference does for steps (a) and (b).
+
+    A step whose size is the frame's own is skipped (PIL then returns a copy, the same pixels).
+    Frames are spread over `num_workers` threads (default: torch's intra-op thread count);
+    Pillow releases the GIL while it resamples, so they run in parallel.
+    """
+    from PIL import Image
+
+    if isinstance(frames, torch.Tensor):
+        frames = frames.cpu().numpy()
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected (T, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
+    out_size = tuple(sizes[-1]) if sizes else tuple(frames.shape[1:3])
+    out = np.empty((frames.shape[0], *out_size, 3), dtype=np.uint8)
+
+    def resize_one(i: int) -> None:
+        image = Image.fromarray(np.ascontiguousarray(frames[i]))
+        for height, width in sizes:
+            if image.size != (width, height):
+                image = image.resize((int(width), int(height)), resample=Image.Resampling.BICUBIC)
+        out[i] = np.asarray(image)
+
+    workers = max(1, min(num_workers or torch.get_num_threads(), frames.shape[0]))
+    if workers == 1:
+        for i in range(frames.shape[0]):
+            resize_one(i)
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="resize_pil") as pool:
+            list(pool.map(resize_one, range(frames.shape[0])))
+    return torch.from_numpy(out).permute(0, 3, 1, 2)
+
+
 # ----------------------------------------------------------------------------------------
 # segments
 
@@ -251,9 +299,18 @@ def segment_frames(num_frames: int, frames_per_segment: int = 8) -> list[VideoSe
 
 
 class TempoVideoProcessorKwargs(TypedDict, total=False):
+    """The attributes of `TempoVideoProcessor`, each also accepted by `from_pretrained`.
+
+    Transformers' `VideosKwargs` is not extended on purpose: its resize / crop / rescale switches
+    have no meaning here (the chain is fixed), and listing them would save options that do nothing.
+    """
+
+    do_sample_frames: bool
     fps: float
+    num_frames: int | None
     min_frames: int
     max_frames: int
+    resize_backend: str
     longest_edge: int
     longest_edge_multiple: int
     frame_factor: int
@@ -272,13 +329,22 @@ class TempoVideoProcessorKwargs(TypedDict, total=False):
     max_aspect_ratio: float
 
 
-class TempoVideoProcessor(VideoProcessorMixin):
+class TempoVideoProcessor(BaseVideoProcessor):
     """Turns sampled frames into the compressor's `pixel_values_videos` / `video_grid_thw`.
 
-    Saved with `save_pretrained` (as ``video_preprocessor_config.json``, or inside
-    ``processor_config.json`` when part of a processor) and loaded with `from_pretrained`.
+    A transformers `BaseVideoProcessor` (no torchvision needed): saved with `save_pretrained` as
+    ``video_preprocessor_config.json`` (inside ``processor_config.json`` when part of a
+    processor), loaded with `from_pretrained` or `AutoVideoProcessor` (model type "tempo").
     Every number of the released preprocessing is an attribute, with the released value as
     default.
+
+    Frame sampling is exposed as in transformers' video processors: `do_sample_frames`, `fps`,
+    `num_frames` (instead of `fps`: that many frames, evenly spread), `min_frames`, `max_frames`
+    and `sample_frames(metadata)`, which returns the indices Tempo decodes.
+
+    `resize_backend`: "torch" (default, fast) or "pil" (the reference's PIL bicubic for the first
+    two resizes: `pixel_values_videos` equal the released ones bit for bit; for reproducing
+    published benchmark numbers). See the module docstring.
     """
 
     model_input_names = ["pixel_values_videos", "video_grid_thw"]
@@ -305,14 +371,20 @@ class TempoVideoProcessor(VideoProcessorMixin):
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
         max_aspect_ratio: float = 200,
+        resize_backend: str = "torch",
+        do_sample_frames: bool = True,
+        num_frames: int | None = None,
         **kwargs,
     ):
         for key in ("video_processor_type", "image_processor_type", "processor_class", "_valid_kwargs_names"):
             kwargs.pop(key, None)
         super().__init__(**kwargs)
+        self.do_sample_frames = bool(do_sample_frames)
         self.fps = float(fps)
+        self.num_frames = _positive_int_or_none(num_frames, "num_frames")
         self.min_frames = int(min_frames)
         self.max_frames = int(max_frames)
+        self.resize_backend = _check_resize_backend(resize_backend)
         self.longest_edge = int(longest_edge)
         self.longest_edge_multiple = int(longest_edge_multiple)
         self.frame_factor = int(frame_factor)
@@ -329,6 +401,50 @@ class TempoVideoProcessor(VideoProcessorMixin):
         self.image_mean = list(image_mean) if image_mean is not None else [0.5, 0.5, 0.5]
         self.image_std = list(image_std) if image_std is not None else [0.5, 0.5, 0.5]
         self.max_aspect_ratio = float(max_aspect_ratio)
+
+    # -- frame sampling -------------------------------------------------------------------
+
+    def sample_frames(
+        self,
+        metadata: VideoMetadata | dict,
+        num_frames: int | None = None,
+        fps: float | None = None,
+        **kwargs,
+    ) -> np.ndarray:
+        """Indices of the frames Tempo samples from a video described by `metadata`.
+
+        Tempo's rule (the released one, `compute_sample_indices`): ``n = round(duration * fps)``
+        clamped to [min_frames, max_frames], indices ``round(linspace(0, total - 1, n))``. With
+        `num_frames` (argument or attribute) exactly that many frames instead; `num_frames` and
+        `fps` given together are an error, as in transformers.
+
+        Args:
+            metadata: a `VideoMetadata` or dict with `total_num_frames` and `fps` (the source's).
+            num_frames: number of frames to sample (default: the attribute, None).
+            fps: sampling rate (default: the attribute, 2.0).
+        """
+        total = metadata.get("total_num_frames")
+        if total is None or int(total) < 1:
+            raise ValueError(f"video metadata total_num_frames must be a positive number, got {total}")
+        fps, min_frames, max_frames = self._sampling(num_frames, fps)
+        indices = compute_sample_indices(int(total), metadata.get("fps") or fps, fps, min_frames, max_frames)
+        return np.asarray(indices, dtype=np.int64)
+
+    def _sampling(self, num_frames: int | None, fps: float | None) -> tuple[float, int, int]:
+        """(fps, min_frames, max_frames) of Tempo's sampling rule for these call arguments: a
+        number of frames (the argument, else the attribute unless `fps` is given) is the rule
+        with min_frames = max_frames = that number."""
+        if fps is not None and num_frames is not None:
+            raise ValueError("num_frames and fps are mutually exclusive: give one of them")
+        if fps is None and num_frames is None:
+            num_frames = self.num_frames
+        num_frames = _positive_int_or_none(num_frames, "num_frames")
+        fps = float(fps) if fps is not None else self.fps
+        if not (math.isfinite(fps) and fps > 0):
+            raise ValueError(f"fps must be a positive number, got {fps}")
+        if num_frames is not None:
+            return fps, num_frames, num_frames
+        return fps, self.min_frames, self.max_frames
 
     # -- sizes ---------------------------------------------------------------------------
 
@@ -381,6 +497,7 @@ class TempoVideoProcessor(VideoProcessorMixin):
         frames_per_segment: int | None = None,
         dtype: torch.dtype | None = None,
         output_device: str | torch.device | None = None,
+        resize_backend: str | None = None,
     ) -> dict[str, Any]:
         """Sampled frames of one video -> compressor inputs, one segment per `video_grid_thw` row.
 
@@ -395,6 +512,9 @@ class TempoVideoProcessor(VideoProcessorMixin):
             output_device: where `pixel_values_videos` should end up (default: where the work ran).
                 "cpu" with a CUDA `device`: made on the GPU, kept in pinned host memory, so GPU
                 memory does not grow with the video's length (`compress` uploads chunk by chunk).
+            resize_backend: "torch" or "pil" (default: the attribute). With "pil" the three
+                resizes run on the CPU as in the reference, and only the normalisation and the
+                patch layout run on `device`.
 
         Returns a dict with
             pixel_values_videos: float32 (sum of patches, 1536);
@@ -415,7 +535,10 @@ class TempoVideoProcessor(VideoProcessorMixin):
         num_frames, height, width = frames.shape[:3]
         segments = segment_frames(num_frames, per_segment)
         size_a, size_b, _ = self.frame_sizes(height, width)
-        if device is not None and torch.device(device) != frames.device:
+        backend = _check_resize_backend(resize_backend or self.resize_backend)
+        if backend == "pil":
+            clip = resize_frames_pil(frames, [size_a, size_b])
+        elif device is not None and torch.device(device) != frames.device:
             # Full-size frames never sit on the device all at once: they go over a chunk at a
             # time and are shrunk there (memory stays flat in video length, copies overlap resizing).
             clip = upload_and_resize(frames, device, (size_a, size_b))
@@ -435,6 +558,8 @@ class TempoVideoProcessor(VideoProcessorMixin):
         patches_by_segment: list[torch.Tensor | None] = [None] * len(segments)
         for size_c, members in groups.items():
             resized = resize_frames(clip, size_c, like_pil=False)
+            if backend == "pil":  # resized on the CPU; normalising is exact on any device, resizing is not
+                resized = resized.to(torch.device(device) if device is not None else frames.device)
             order = [i for s in members for i in segments[s].frames]
             patches = self._frames_to_patches(resized, order, dtype, output_device)  # members' rows, in order
             rows_per_frame_pair = (size_c[0] // self.patch_size) * (size_c[1] // self.patch_size)
@@ -517,6 +642,7 @@ class TempoVideoProcessor(VideoProcessorMixin):
         image: Any,
         device: str | torch.device | None = None,
         resize_longer_edge: bool = False,
+        resize_backend: str | None = None,
     ) -> dict[str, torch.Tensor]:
         """One image -> `pixel_values` (h/16 * w/16, 1536) and `image_grid_thw` (1, 3).
 
@@ -524,8 +650,10 @@ class TempoVideoProcessor(VideoProcessorMixin):
         Qwen3-VL-2B-Instruct settings (smart_resize with factor 32, 65536..16777216 pixels,
         bicubic, mean/std 0.5) and the frame repeated to fill the temporal patch. The released
         code shrinks images to a 512 longer edge only when several images are given at once;
-        `resize_longer_edge=True` applies that step (a) first.
+        `resize_longer_edge=True` applies that step (a) first, with PIL's bicubic as the released
+        code when `resize_backend` (default: the attribute) is "pil".
         """
+        backend = _check_resize_backend(resize_backend or self.resize_backend)
         array = _image_to_array(image)
         pixels = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None]
         if device is not None:
@@ -535,7 +663,10 @@ class TempoVideoProcessor(VideoProcessorMixin):
             raise ValueError(f"image of {width}x{height} pixels: aspect ratio over {self.max_aspect_ratio}:1")
         if resize_longer_edge:
             size = longer_edge_size(height, width, self.longest_edge, self.longest_edge_multiple)
-            pixels = resize_frames(pixels, size)
+            if backend == "pil":
+                pixels = resize_frames_pil(array[None], [size]).contiguous().to(pixels.device)
+            else:
+                pixels = resize_frames(pixels, size)
             height, width = pixels.shape[-2:]
         size = qwen2vl_image_smart_resize(
             height, width, factor=self.factor, min_pixels=self.image_min_pixels, max_pixels=self.image_max_pixels
@@ -555,22 +686,99 @@ class TempoVideoProcessor(VideoProcessorMixin):
     def preprocess(
         self,
         videos: Any,
-        real_fps: float | None = None,
+        video_metadata: VideoMetadata | dict | None = None,
+        do_sample_frames: bool | None = None,
+        fps: float | None = None,
+        num_frames: int | None = None,
+        resize_backend: str | None = None,
         device: str | torch.device | None = None,
         frames_per_segment: int | None = None,
+        return_metadata: bool = False,
         return_tensors: Any = None,
-        **kwargs,
+        real_fps: float | None = None,
+        **load_options,
     ) -> BatchFeature:
-        """One video (a `LoadedVideo`, frames with `real_fps`, or anything `load_video`
-        accepts) -> `BatchFeature` with the keys of :meth:`process_video`."""
-        if not (hasattr(videos, "frames") and hasattr(videos, "real_fps")) and real_fps is None:
-            from .video_loading import load_video
+        """One video -> `BatchFeature` with the keys of :meth:`process_video`.
 
-            videos = load_video(
-                videos, fps=self.fps, min_frames=self.min_frames, max_frames=self.max_frames, **kwargs
-            )
-        out = self.process_video(videos, real_fps=real_fps, device=device, frames_per_segment=frames_per_segment)
+        Args:
+            videos: a path, bytes or binary file object (decoded with `load_video`: only the
+                sampled frames), a `LoadedVideo` (already sampled), or frames: a (T, H, W, 3)
+                uint8 array / tensor or a list of images.
+            video_metadata: for frames, their timing (`VideoMetadata` or dict with `fps`).
+            do_sample_frames: default the attribute (True). As in transformers, frames given
+                directly are then the whole video, sampled with `sample_frames` (their `fps` from
+                `video_metadata`); False takes them as the sampled frames, at the metadata's fps.
+                Files are always sampled (Tempo decodes only the sampled frames).
+            fps, num_frames: sampling (defaults: the attributes; mutually exclusive).
+            resize_backend: "torch" or "pil" (default: the attribute).
+            device, frames_per_segment: as in :meth:`process_video`.
+            return_metadata: add the video's `TempoVideoMetadata` as "video_metadata".
+            real_fps: frames given with their frame rate: taken as sampled, no metadata needed.
+            load_options: further options of `load_video` (`num_workers`, `num_threads`, ...).
+        """
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"TempoVideoProcessor returns PyTorch tensors only; got return_tensors={return_tensors!r}")
+        do_sample_frames = self.do_sample_frames if do_sample_frames is None else bool(do_sample_frames)
+        resize_backend = _check_resize_backend(resize_backend or self.resize_backend)
+        load_options.setdefault("resize_backend", resize_backend)  # for a `max_longer_edge` resize while loading
+        given_frames = isinstance(videos, (np.ndarray, torch.Tensor, list, tuple))
+        if real_fps is not None and given_frames:
+            videos = load_video(videos, video_metadata={"fps": real_fps}, **load_options)
+        elif given_frames:
+            videos = load_video(videos, video_metadata=video_metadata, **load_options)
+            if do_sample_frames:
+                videos = self._sample_loaded(videos, num_frames=num_frames, fps=fps)
+        elif not isinstance(videos, LoadedVideo):
+            if not do_sample_frames:
+                raise ValueError(
+                    "do_sample_frames=False needs decoded frames: a video file is always sampled "
+                    "(only the sampled frames are decoded)"
+                )
+            fps, min_frames, max_frames = self._sampling(num_frames, fps)
+            sampling = {"fps": fps, "min_frames": min_frames, "max_frames": max_frames}
+            videos = load_video(videos, **sampling, **load_options)
+        out = self.process_video(
+            videos, real_fps, device=device, frames_per_segment=frames_per_segment, resize_backend=resize_backend
+        )
+        if return_metadata:
+            out["video_metadata"] = videos.metadata
         return BatchFeature(data=out)
+
+    def _sample_loaded(self, video, num_frames: int | None = None, fps: float | None = None):
+        """Frames given as a whole video -> the frames `sample_frames` picks, with their metadata."""
+        metadata = video.metadata
+        indices = self.sample_frames(metadata, num_frames=num_frames, fps=fps)
+        duration = metadata.total_num_frames / metadata.fps
+        sampled = TempoVideoMetadata(
+            total_num_frames=metadata.total_num_frames,
+            fps=metadata.fps,
+            width=metadata.width,
+            height=metadata.height,
+            duration=duration,
+            video_backend=metadata.video_backend,
+            frames_indices=indices.tolist(),
+            real_fps=len(indices) / duration,
+            warnings=list(metadata.warnings),
+            stats=dict(metadata.stats),
+        )
+        return LoadedVideo(video.frames[torch.from_numpy(indices)], sampled)
+
+
+def register_video_processor() -> None:
+    """Register `TempoVideoProcessor` with `AutoVideoProcessor` for model type "tempo".
+
+    Through the auto module's class: transformers' top-level `AutoVideoProcessor` name is a
+    placeholder that raises without torchvision, while the class itself (and loading a Tempo
+    video processor through it) needs no torchvision.
+    """
+    from transformers.models.auto.video_processing_auto import AutoVideoProcessor
+
+    from .configuration_tempo import TempoConfig
+
+    AutoVideoProcessor.register(TempoConfig, TempoVideoProcessor, exist_ok=True)
+
+
+register_video_processor()
 
 
 def _as_uint8_video(frames: Any) -> torch.Tensor:
@@ -596,3 +804,17 @@ def _image_to_array(image: Any) -> np.ndarray:
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected a PIL image or an (H, W, 3) uint8 array, got {image.shape} {image.dtype}")
     return image
+
+
+def _check_resize_backend(value: Any) -> str:
+    if value not in RESIZE_BACKENDS:
+        raise ValueError(f"resize_backend must be one of {RESIZE_BACKENDS}, got {value!r}")
+    return value
+
+
+def _positive_int_or_none(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    return int(value)

@@ -655,6 +655,8 @@ class TempoVideoProcessor(BaseVideoProcessor):
         """
         backend = _check_resize_backend(resize_backend or self.resize_backend)
         array = _image_to_array(image)
+        if not array.flags.writeable:  # np.asarray(PIL image) is read-only; torch would warn on it
+            array = array.copy()
         pixels = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None]
         if device is not None:
             pixels = pixels.to(device)

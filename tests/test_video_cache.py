@@ -194,3 +194,28 @@ def test_batched_questions_about_one_video_equal_one_at_a_time(vqa, clip):
         # the compressor's language model runs three rows together here: float32 rounding only
         relevance = [d["relevance"] for d in s["segment_details"]]
         assert [d["relevance"] for d in b["segment_details"]] == pytest.approx(relevance, abs=1e-6)
+
+
+def test_bench_questions_tiny_decodes_each_file_once(tmp_path):
+    """The GPU benchmark's own code on the CPU: with the cache on, each file is decoded and encoded
+    once and every later question is a hit."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_questions.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--tiny", "--workdir", str(tmp_path / "videos"), "--out", str(tmp_path),
+         "--commit", "test"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = tmp_path.glob("questions-tiny-*.json")
+    results = json.loads(result.read_text())
+    on = results["cache_on"]
+    assert results["cache_off"]["questions"] == 2 and on["questions"] == 6 and on["files"] == 2
+    assert on["cache"]["frames"]["entries"] == 2 and on["cache"]["features"]["entries"] == 2
+    # the cache's counters run over the process: the warm-up and cache-off runs missed, the 4 later questions hit
+    assert on["cache"]["features"]["hits"] >= 4
+    assert "| cache on, one question at a time | 6 |" in result.with_suffix(".md").read_text()

@@ -1,0 +1,226 @@
+"""Many questions about long video files: the video cache off (every question decodes and encodes
+again) and on (decode once, encode once, answer many), through `pipeline("video-question-answering")`.
+
+    python benchmarks/bench_questions.py                 # GPU: Tempo-6B architecture, random bf16 weights
+    python benchmarks/bench_questions.py --files 4 --minutes 60 --questions 12
+    python benchmarks/bench_questions.py --tiny          # same code on CPU in seconds (used by the tests)
+
+Files are generated H.264 (1280x720, 30 fps, a keyframe every 3 s, B-frames). Writes
+benchmarks/results/questions-<machine>-<date>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_e2e import build  # noqa: E402
+
+from transformers_tempo.pipeline_tempo import VideoQuestionAnsweringPipeline  # noqa: E402
+from transformers_tempo.synthetic import write_long_video  # noqa: E402
+from transformers_tempo.video_cache import configure_video_cache, default_video_cache  # noqa: E402
+
+QUESTIONS = [
+    "What is the person in the red jacket doing right after the car stops?",
+    "How many people enter the room?",
+    "What colour is the car?",
+    "What happens at the end of the video?",
+    "Where does the video take place?",
+    "Who scores after the goal?",
+    "What is written on the sign?",
+    "What does the woman pick up?",
+    "Which animal appears first?",
+    "What is the weather like?",
+    "When does the music start?",
+    "Why does the crowd cheer?",
+]
+
+
+def now(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def make_files(folder: Path, count: int, minutes: float, width: int, height: int) -> list[Path]:
+    """`count` distinct long files (each its own clip, so no two decode alike)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(count):
+        path = folder / f"questions-{i}-{minutes:g}min.mp4"
+        if not path.exists():
+            write_long_video(
+                path, duration=60 * minutes, clip_seconds=10.0, fps=30, width=width, height=height, gop=90,
+                codec_options={"preset": "veryfast", "bf": "2", "crf": str(20 + i)},
+            )
+        files.append(path)
+    return files
+
+
+def ask(vqa, path, question, args) -> float:
+    t0 = now(vqa.device)
+    vqa(video=str(path), question=question, max_new_tokens=args.new_tokens, visual_token_budget=args.budget,
+        max_frames=args.max_frames)
+    return now(vqa.device) - t0
+
+
+def run_cache_off(vqa, files, args) -> dict:
+    """Today's behaviour: every question pays decoding, preprocessing and the vision tower."""
+    configure_video_cache(enabled=False)
+    seconds = [ask(vqa, files[0], q, args) for q in QUESTIONS[: args.uncached_questions]]
+    configure_video_cache(enabled=True)
+    return {"questions": len(seconds), "seconds_per_question": statistics.mean(seconds), "all_s": seconds}
+
+
+def run_cache_on(vqa, files, args, together: bool) -> dict:
+    """Each file's questions one after another (as a benchmark or a user asks them), or all at once."""
+    cache = default_video_cache()
+    cache.clear()
+    first, later = [], []
+    t0 = now(vqa.device)
+    for path in files:
+        questions = QUESTIONS[: args.questions]
+        if together:
+            t1 = now(vqa.device)
+            vqa(video=str(path), question=questions, batch_size=args.batch_size, max_new_tokens=args.new_tokens,
+                visual_token_budget=args.budget, max_frames=args.max_frames)
+            first.append(now(vqa.device) - t1)
+            continue
+        first.append(ask(vqa, path, questions[0], args))
+        later.extend(ask(vqa, path, q, args) for q in questions[1:])
+    total = now(vqa.device) - t0
+    asked = len(files) * args.questions
+    row = {
+        "files": len(files), "questions": asked, "total_s": total,
+        "questions_per_minute": 60 * asked / total, "seconds_per_question": total / asked,
+        "cache": cache.stats(),
+    }
+    if together:
+        row["seconds_per_file"] = statistics.mean(first)
+    else:
+        row["first_question_s"] = statistics.mean(first)
+        row["later_question_s"] = statistics.mean(later) if later else None
+    return row
+
+
+def warm_up(vqa, folder, args):
+    """Compile on a short file first, so no mode pays the compilation."""
+    (short,) = make_files(folder / "warm", 1, min(args.minutes, 1.0), args.width, args.height)
+    for _ in range(2):
+        ask(vqa, short, QUESTIONS[0], args)
+    default_video_cache().clear()
+
+
+def markdown(results: dict) -> str:
+    on, off, together = results["cache_on"], results["cache_off"], results.get("cache_on_together")
+    lines = [
+        f"# Many questions about long files ({results['machine']}, {results['date']}, commit {results['commit']})",
+        "",
+        f"{on['files']} files x {results['questions_per_file']} questions, {results['minutes']} min each, "
+        f"{results['width']}x{results['height']} H.264, {results['max_frames']} frames, budget {results['budget']}, "
+        f"{results['new_tokens']} new tokens.",
+        "",
+        "| mode | questions | s/question | questions/min | first question s | later question s |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| cache off (every question decodes) | {off['questions']} | {off['seconds_per_question']:.2f} | "
+        f"{60 / off['seconds_per_question']:.1f} | | |",
+        f"| cache on, one question at a time | {on['questions']} | {on['seconds_per_question']:.2f} | "
+        f"{on['questions_per_minute']:.1f} | {on['first_question_s']:.2f} | {on['later_question_s'] or 0:.2f} |",
+    ]
+    if together:
+        lines.append(
+            f"| cache on, a file's questions in one call | {together['questions']} | "
+            f"{together['seconds_per_question']:.2f} | {together['questions_per_minute']:.1f} | | |"
+        )
+    lines += [
+        "",
+        f"Cache after the run: frames {on['cache']['frames']['bytes'] / 2**30:.2f} GiB, vision features "
+        f"{on['cache']['features']['bytes'] / 2**30:.2f} GiB ({on['cache']['frames']['entries']} / "
+        f"{on['cache']['features']['entries']} entries). Peak GPU memory {results['peak_gpu_gib']:.1f} GiB, "
+        f"peak host RSS {results['peak_host_gib']:.1f} GiB.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny random model on the CPU, short files")
+    parser.add_argument("--files", type=int, default=4)
+    parser.add_argument("--minutes", type=float, default=60.0)
+    parser.add_argument("--questions", type=int, default=12, help="questions per file")
+    parser.add_argument("--uncached-questions", type=int, default=3, help="questions asked with the cache off")
+    parser.add_argument("--batch-size", type=int, default=4, help="for the questions-in-one-call mode")
+    parser.add_argument("--together", action="store_true", help="also ask each file's questions in one call")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--budget", type=int, default=8192)
+    parser.add_argument("--max-frames", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--height", type=int, default=720)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--workdir", default="/tmp/tempo-questions")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--commit", default=None)
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.files, args.minutes, args.questions, args.uncached_questions = 2, 0.25, 3, 2
+        args.width, args.height, args.budget, args.new_tokens, args.no_compile = 128, 96, 64, 4, True
+    args.questions = min(args.questions, len(QUESTIONS))
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    model, processor = build(args.tiny, device, torch.float32 if args.tiny else torch.bfloat16, "sdpa")
+    if not args.no_compile and device.type == "cuda":
+        model.enable_compiled_inference()
+    vqa = VideoQuestionAnsweringPipeline(model=model, processor=processor, device=device)
+    folder = Path(args.workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    files = make_files(folder, args.files, args.minutes, args.width, args.height)
+    print(f"files ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    warm_up(vqa, folder, args)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    results = {
+        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "date": datetime.date.today().isoformat(),
+        "commit": args.commit or _commit(),
+        "minutes": args.minutes, "questions_per_file": args.questions, "width": args.width, "height": args.height,
+        "max_frames": args.max_frames, "budget": args.budget, "new_tokens": args.new_tokens,
+    }
+    results["cache_off"] = run_cache_off(vqa, files, args)
+    print("cache off:", results["cache_off"], flush=True)
+    results["cache_on"] = run_cache_on(vqa, files, args, together=False)
+    print("cache on:", results["cache_on"], flush=True)
+    if args.together:
+        results["cache_on_together"] = run_cache_on(vqa, files, args, together=True)
+        print("cache on, together:", results["cache_on_together"], flush=True)
+    results["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    results["peak_host_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "tiny" if args.tiny else results["machine"].replace(" ", "-").lower()
+    stem = out / f"questions-{name}-{results['date']}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    stem.with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()

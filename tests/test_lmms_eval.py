@@ -235,6 +235,49 @@ def test_visual_forms_of_lmms_eval_tasks():
         adapter.parse_visuals(["a.mp4", "b.mp4"])
 
 
+def test_video_image_and_text_requests_in_one_call(model_dir, task_dir):
+    """Requests of every kind, mixed, batch size 2: each answer equals the plain path's, one question at a time."""
+    from lmms_eval.api.instance import Instance
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor
+
+    model = adapter.Tempo(pretrained=str(model_dir), dtype="float32", batch_size=2)
+    image = Image.fromarray(make_videos.index_pattern(7, 64, 48))
+    video = str(task_dir / "videos" / "green.mp4")
+    docs = [{"visual": [video]}, {"visual": [image]}, {"visual": []}, {"visual": [video, video]}, {"visual": [image]}]
+    model.task_dict = {"t": {"test": docs}}
+    questions = ["What colour is it?", "What is shown?", "Who scores after the goal?", "Two videos?", "Describe the scene."]
+    requests = [
+        Instance("generate_until", (q, {"max_new_tokens": 8}, lambda doc: doc["visual"], i, "t", "test"), idx=0,
+                 metadata={"task": "t", "doc_id": i, "repeats": 1})
+        for i, q in enumerate(questions)
+    ]  # fmt: skip
+    answers = model.generate_until(requests)
+
+    plain = AutoModel.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+
+    def direct(question, **visual):
+        inputs = processor(text=question, **visual)
+        out = plain.generate(**inputs, max_new_tokens=8, do_sample=False)
+        prompt = inputs["input_ids"]
+        if out.shape[1] > prompt.shape[1] and torch.equal(out[:, : prompt.shape[1]], prompt):
+            out = out[:, prompt.shape[1] :]
+        return processor.batch_decode(out, skip_special_tokens=True)[0].strip()
+
+    assert answers[0] == direct(questions[0], videos=load_video(video))
+    assert answers[1] == direct(questions[1], images=image)
+    assert answers[2] == direct(questions[2])
+    assert answers[3] == ""  # two visuals: Tempo answers about one
+    assert answers[4] == direct(questions[4], images=image)
+    assert all(answers[i] for i in (0, 1, 2, 4))
+
+
+def test_stop_strings_cut_the_answer():
+    assert adapter._cut_at("B. red\n\nC. green", ["\n\n", "C."]) == "B. red"
+    assert adapter._cut_at("A", []) == "A"
+
+
 def test_loglikelihood_names_the_alternative(model_dir):
     model = adapter.Tempo(pretrained=str(model_dir), dtype="float32")
     with pytest.raises(NotImplementedError, match="generate_until"):

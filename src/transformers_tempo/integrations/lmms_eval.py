@@ -151,7 +151,8 @@ class Tempo(lmms):
             video_fps, min_frames_num, max_frames_num are accepted too.
         max_new_tokens: answer length when the task sets none (16); a task's own
             max_new_tokens (LongVideoBench: 32) or --gen_kwargs wins.
-        batch_size: questions per model call (1, as released; also lmms-eval's --batch_size).
+        batch_size: questions per model call (1, as released); on the command line it is
+            lmms-eval's own --batch_size (the CLI passes it; giving it in --model_args too is an error).
         compile: compile the compressor and decode with a static cache (GPU; pays off over
             long runs).
         decode_backend: video decoder (auto: PyAV in this version).

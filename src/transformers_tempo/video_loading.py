@@ -142,8 +142,8 @@ def clip_frame_range(
 ) -> tuple[int, int]:
     """``(first, count)``: the frames of a `total_frames` video at `source_fps` that `clip` keeps.
 
-    `clip` is ``(start, end)`` in seconds, either None (the start / the end of the video), or
-    None for the whole video. Frame ``i`` shows at ``i / source_fps`` and is kept when
+    `clip` is None (the whole video) or ``(start, end)`` in seconds, where either may be None
+    (the start / the end of the video). Frame ``i`` shows at ``i / source_fps`` and is kept when
     ``start <= i / source_fps <= end`` (the rule of qwen-vl-utils' ``video_start`` /
     ``video_end``, which lmms-eval tasks use). A clip shorter than one frame interval keeps
     the frame showing at `start`; an end past the video is cut to the video (with a note).
@@ -169,7 +169,7 @@ def clip_frame_range(
         raise VideoLoadError(f"{name}: clip starts at {start} s, after the end of the video ({duration:.3f} s)")
     if end is not None and end > duration + 1 / source_fps and notes is not None:
         notes.append(f"{name}: clip end {end} s is past the end of the video ({duration:.3f} s); sampled to the end")
-    # Tolerate float noise in `seconds * fps` (a bound meant to sit on a frame, such as 2.0 s at 29.97 fps).
+    # Tolerate float noise in `seconds * fps`: a bound meant to sit on a frame (0.1 s at 30 fps is 3.0000000000000004).
     eps = 1e-6
     first = min(math.ceil(start * source_fps - eps), total_frames - 1)
     last = total_frames - 1 if end is None else min(math.floor(float(end) * source_fps + eps), total_frames - 1)

@@ -214,6 +214,47 @@ def compute_sample_indices(
     return np.clip(indices, 0, total_frames - 1).tolist()
 
 
+def clip_frame_range(
+    total_frames: int, source_fps: float, clip=None, name: str = "video", notes: list[str] | None = None
+) -> tuple[int, int]:
+    """``(first, count)``: the frames of a `total_frames` video at `source_fps` that `clip` keeps.
+
+    `clip` is None (the whole video) or ``(start, end)`` in seconds, where either may be None
+    (the start / the end of the video). Frame ``i`` shows at ``i / source_fps`` and is kept when
+    ``start <= i / source_fps <= end`` (the rule of qwen-vl-utils' ``video_start`` /
+    ``video_end``, which lmms-eval tasks use). A clip shorter than one frame interval keeps
+    the frame showing at `start`; an end past the video is cut to the video (with a note).
+    Raises VideoLoadError for bounds that are not numbers, negative, reversed, or start after
+    the end of the video.
+    """
+    if clip is None:
+        return 0, total_frames
+    try:
+        start, end = clip
+    except (TypeError, ValueError):
+        raise VideoLoadError(f"{name}: clip must be (start, end) in seconds, got {clip!r}") from None
+    for label, value in (("start", start), ("end", end)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise VideoLoadError(f"{name}: clip {label} must be a number of seconds >= 0, got {value!r}")
+    duration = total_frames / source_fps
+    start = 0.0 if start is None else float(start)
+    if end is not None and end < start:
+        raise VideoLoadError(f"{name}: clip ends ({end} s) before it starts ({start} s)")
+    if start >= duration:
+        raise VideoLoadError(f"{name}: clip starts at {start} s, after the end of the video ({duration:.3f} s)")
+    if end is not None and end > duration + 1 / source_fps and notes is not None:
+        notes.append(f"{name}: clip end {end} s is past the end of the video ({duration:.3f} s); sampled to the end")
+    # Tolerate float noise in `seconds * fps`: a bound meant to sit on a frame (0.1 s at 30 fps is 3.0000000000000004).
+    eps = 1e-6
+    first = min(math.ceil(start * source_fps - eps), total_frames - 1)
+    last = total_frames - 1 if end is None else min(math.floor(float(end) * source_fps + eps), total_frames - 1)
+    if last < first:  # the clip falls between two frames: the frame showing at `start`
+        first = last = min(math.floor(start * source_fps + eps), total_frames - 1)
+    return first, last - first + 1
+
+
 def load_video(
     video: Any,
     fps: float = 2.0,
@@ -227,6 +268,7 @@ def load_video(
     num_workers: int | None = None,
     on_frames: Any = None,
     resize_backend: str = "torch",
+    clip: tuple[float | None, float | None] | None = None,
 ) -> LoadedVideo:
     """Load and sample a video.
 
@@ -263,6 +305,11 @@ def load_video(
             are reported once, all together.
         resize_backend: the kernel of the `max_longer_edge` resize, as `TempoVideoProcessor`'s:
             "torch" (fast) or "pil" (the released PIL bicubic, bit for bit).
+        clip: ``(start, end)`` in seconds (either may be None: the start or the end of the file):
+            sample only that part of a file, exactly as if it were the whole video (`fps`,
+            `min_frames`, `max_frames` apply to the clip; `duration` is the clip's, timestamps
+            start at 0 at `start`; `frame_indices` stay indices of the file). Frame ``i`` of the
+            file is in the clip when ``start <= i / source_fps <= end``. For files only.
 
     Raises:
         VideoLoadError: the input is missing, empty, not a video, has no decodable frame,
@@ -275,6 +322,8 @@ def load_video(
     if resize_backend not in ("torch", "pil"):
         raise ValueError(f"resize_backend must be 'torch' or 'pil', got {resize_backend!r}")
     if isinstance(video, (np.ndarray, torch.Tensor, list, tuple)):
+        if clip is not None:
+            raise ValueError("clip= selects part of a video file; for frames given directly, pass the frames of the clip")
         loaded = _load_frames(video, video_metadata, max_longer_edge, resize_backend)
         if on_frames is not None:
             on_frames(FramesReady(loaded.frames, list(range(loaded.num_frames)), loaded.real_fps))
@@ -283,6 +332,7 @@ def load_video(
     pin = bool(pin_memory) and torch.cuda.is_available()
     return _load_container(
         source, name, fps, min_frames, max_frames, num_threads, progress, max_longer_edge, pin, num_workers, on_frames,
+        clip=clip,
         resize_backend=resize_backend,
     )
 
@@ -555,7 +605,7 @@ def _video_stream_number(container) -> int:
 
 def _load_container(
     source, name, fps, min_frames, max_frames, num_threads, progress, max_longer_edge, pin_memory=False,
-    num_workers=1, on_frames=None, resize_backend="torch",
+    num_workers=1, on_frames=None, clip=None, resize_backend="torch",
 ) -> LoadedVideo:
     notes: list[str] = []
     reader = _Reader(source, name)
@@ -575,8 +625,9 @@ def _load_container(
         total = _count_frames(stream, container, index, source_fps, name, notes)
         rotation = _stream_rotation(stream)
 
-    wanted = compute_sample_indices(total, source_fps, fps, min_frames, max_frames)
-    duration = total / source_fps
+    first, count = clip_frame_range(total, source_fps, clip, name, notes)
+    wanted = [first + i for i in compute_sample_indices(count, source_fps, fps, min_frames, max_frames)]
+    duration = count / source_fps
     real_fps = len(wanted) / duration if duration > 0 else fps
     listener = None
     if on_frames is not None:

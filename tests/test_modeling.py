@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, GenerationConfig
 
 import transformers_tempo  # noqa: F401  (registers the Auto classes)
-from transformers_tempo import TempoConfig, TempoForConditionalGeneration, allocate_tokens, modeling_tempo
+from transformers_tempo import TempoConfig, TempoForConditionalGeneration, allocate_tokens, generation_tempo, modeling_tempo
 from transformers_tempo.testing_utils import build_tiny_model, tiny_tempo_config
 
 
@@ -444,12 +444,12 @@ def test_decoding_runs_through_a_plain_qwen3_view_that_shares_weights(tiny_model
 
 
 def test_static_cache_length_is_bucketed():
-    bucket = modeling_tempo.STATIC_CACHE_BUCKET
+    bucket = generation_tempo.STATIC_CACHE_BUCKET
     config = GenerationConfig(max_new_tokens=32)
 
     def sized(prompt_length, text_length=0, **kwargs):
         kwargs.setdefault("generation_config", config)
-        modeling_tempo.bucketed_static_cache_length(kwargs, GenerationConfig(), prompt_length, text_length)
+        generation_tempo.bucketed_static_cache_length(kwargs, GenerationConfig(), prompt_length, text_length)
         return kwargs.get("max_cache_len")
 
     assert sized(8287, cache_implementation="static") == 9 * bucket  # 8319 slots needed
@@ -482,7 +482,7 @@ def test_static_cache_generate_uses_a_bucketed_cache_and_same_tokens(tiny_model,
         dynamic = tiny_model.generate(**inputs, **gen)
         with mock.patch.object(Qwen3ForCausalLM, "_prepare_static_cache", spy):
             static = tiny_model.generate(**inputs, cache_implementation="static", **gen)
-    assert sizes == [modeling_tempo.STATIC_CACHE_BUCKET]
+    assert sizes == [generation_tempo.STATIC_CACHE_BUCKET]
     assert torch.equal(static, dynamic)
 
 

@@ -10,7 +10,6 @@ The file reads in the order data flows:
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -23,11 +22,16 @@ from transformers.utils import can_return_tuple, logging
 
 from .configuration_tempo import TempoConfig
 from .fast_paths import (
-    DECODE_ATTENTION,
     equal_group_length,
     mrope_position_ids,
     set_fast_paths,
     vision_cu_seqlens_cpu,
+)
+from .generation_tempo import (
+    bucketed_static_cache_length,
+    decode_attention_while_generating,
+    reject_prompt_positions,
+    resolve_ata_options,
 )
 from .token_allocation import ATA_OPTION_NAMES, ata_for_samples, select_tokens
 
@@ -109,6 +113,70 @@ class DecoderInputs:
     relevance_scores: torch.Tensor | None
     token_allocation: torch.Tensor | None
     segment_sample_index: torch.Tensor | None
+
+
+@dataclass
+class SplicedSample:
+    """One sample's decoder sequence after the splice: embeddings, labels (or None) and which
+    positions are visual (features and their timestamp tokens)."""
+
+    embeds: torch.Tensor
+    labels: torch.Tensor | None
+    visual: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.embeds.shape[0]
+
+    def select(self, index) -> SplicedSample:
+        labels = self.labels[index] if self.labels is not None else None
+        return SplicedSample(self.embeds[index], labels, self.visual[index])
+
+
+def splice_sample(text_embeds, placeholder, kept_features, labels=None, timestamp_mask=None) -> SplicedSample:
+    """Replace each placeholder of one (unpadded) sample by the next kept features from
+    `kept_features`; labels are -100 over the features, timestamps count as visual."""
+    device = text_embeds.device
+    if timestamp_mask is None:
+        timestamp_mask = torch.zeros(text_embeds.shape[0], dtype=torch.bool, device=device)
+    embeds, label_pieces, visual = [], [], []
+    start, length = 0, text_embeds.shape[0]
+    for position in placeholder.nonzero().flatten().tolist() + [length]:
+        if position > start:  # the text between two placeholders
+            embeds.append(text_embeds[start:position])
+            visual.append(timestamp_mask[start:position])
+            if labels is not None:
+                label_pieces.append(labels[start:position])
+        if position < length:
+            features = next(kept_features).to(device, text_embeds.dtype)
+            embeds.append(features)
+            visual.append(torch.ones(features.shape[0], dtype=torch.bool, device=device))
+            if labels is not None:
+                label_pieces.append(torch.full((features.shape[0],), IGNORE_INDEX, dtype=labels.dtype, device=device))
+        start = position + 1
+    if not embeds:
+        return SplicedSample(text_embeds[:0], labels[:0] if labels is not None else None, timestamp_mask[:0])
+    return SplicedSample(
+        torch.cat(embeds), torch.cat(label_pieces) if labels is not None else None, torch.cat(visual)
+    )
+
+
+def pad_spliced(samples: list[SplicedSample], padding_side: str, mask_dtype):
+    """Stack spliced samples into (inputs_embeds, attention_mask, labels or None), padded on one side."""
+    batch, max_len = len(samples), max(sample.length for sample in samples)
+    first = samples[0]
+    inputs_embeds = first.embeds.new_zeros(batch, max_len, first.embeds.shape[-1])
+    mask = torch.zeros(batch, max_len, dtype=mask_dtype, device=first.embeds.device)
+    labels = None
+    if first.labels is not None:
+        labels = torch.full((batch, max_len), IGNORE_INDEX, dtype=first.labels.dtype, device=first.embeds.device)
+    for b, sample in enumerate(samples):
+        where = slice(max_len - sample.length, max_len) if padding_side == "left" else slice(0, sample.length)
+        inputs_embeds[b, where] = sample.embeds
+        mask[b, where] = 1
+        if labels is not None:
+            labels[b, where] = sample.labels
+    return inputs_embeds, mask, labels
 
 
 class TempoProjector(nn.Module):
@@ -423,124 +491,50 @@ class TempoModel(TempoPreTrainedModel):
         row-major over the batch and match compressor rows in order. `compressed` reuses the output
         of an earlier `compress()` call on the same rows.
         """
-        cfg = self.config
-        batch, seq = input_ids.shape
-        device = input_ids.device
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if padding_side is None:
             padding_side = "left" if bool((attention_mask[:, 0] == 0).any()) else "right"
-        embed = self.get_input_embeddings()
-        placeholder = ((input_ids == cfg.video_token_id) | (input_ids == cfg.image_token_id)) & attention_mask.bool()
-        num_placeholders = int(placeholder.sum())
-        num_rows = 0 if compressor_input_ids is None else compressor_input_ids.shape[0]
-        if num_placeholders != num_rows:
-            raise ValueError(
-                f"the decoder prompt holds {num_placeholders} visual placeholders but {num_rows} compressor rows "
-                "were given; build both with TempoProcessor"
-            )
-
+        placeholder = self._placeholder_mask(input_ids, attention_mask, compressor_input_ids)
         relevance = allocation = sample_index = None
         kept = []
-        if num_rows:
-            compressed = compressed if compressed is not None else self.compress(
-                compressor_input_ids,
-                compressor_attention_mask,
-                pixel_values_videos=pixel_values_videos,
-                video_grid_thw=video_grid_thw,
-                pixel_values=pixel_values,
-                image_grid_thw=image_grid_thw,
-                compressor_batch_size=compressor_batch_size,
-                progress=progress,
-                video_features=video_features,
-            )
+        if compressor_input_ids is not None and compressor_input_ids.shape[0]:
+            if compressed is None:
+                compressed = self.compress(
+                    compressor_input_ids,
+                    compressor_attention_mask,
+                    pixel_values_videos=pixel_values_videos,
+                    video_grid_thw=video_grid_thw,
+                    pixel_values=pixel_values,
+                    image_grid_thw=image_grid_thw,
+                    compressor_batch_size=compressor_batch_size,
+                    progress=progress,
+                    video_features=video_features,
+                )
             relevance = compressed.relevance_scores
             sample_index = placeholder.nonzero()[:, 0]  # row-major order == compressor row order
-            is_video_row = input_ids[placeholder] == cfg.video_token_id
-            row_has_video = (compressor_input_ids == cfg.compressor_config.video_token_id).any(dim=1)
-            if not torch.equal(is_video_row, row_has_video):
-                raise ValueError("decoder placeholders and compressor rows disagree on which rows are video")
-            allocation = torch.full((num_rows,), cfg.num_memory_tokens, dtype=torch.long, device=device)
-            if use_ata and bool(is_video_row.any()):
-                allocation[is_video_row] = ata_for_samples(
-                    relevance[is_video_row],
-                    sample_index[is_video_row],
-                    budget=int(visual_token_budget),
-                    min_tokens=int(min_tokens_per_segment),
-                    max_tokens=cfg.num_memory_tokens,
-                ).to(device)
-            features = self.projector(compressed.features)
-            kept = select_tokens(features, allocation, strategy=token_selection)
+            allocation = self.allocate(
+                relevance, sample_index, input_ids[placeholder] == self.config.video_token_id, compressor_input_ids,
+                use_ata=use_ata, visual_token_budget=visual_token_budget, min_tokens_per_segment=min_tokens_per_segment,
+            )
+            kept = select_tokens(self.projector(compressed.features), allocation, strategy=token_selection)
 
-        embeds_list, labels_list = [], []
-        text_embeds = embed(input_ids)
+        text_embeds = self.get_input_embeddings()(input_ids)
         # With a device map the decoder may sit on another device than the compressor: splice there.
         device = text_embeds.device
-        input_ids, attention_mask, placeholder = input_ids.to(device), attention_mask.to(device), placeholder.to(device)
-        labels = labels.to(device) if labels is not None else None
-        timestamp_mask = timestamp_mask.to(device) if timestamp_mask is not None else None
-        limit_visual = cfg.max_context_length - cfg.reserved_context_tokens
-        kept_iter = iter(kept)
-        for b in range(batch):
-            valid = attention_mask[b].bool()
-            ids_b = input_ids[b, valid]
-            emb_b = text_embeds[b, valid]
-            lab_b = labels[b, valid] if labels is not None else None
-            ts_b = timestamp_mask[b, valid].bool() if timestamp_mask is not None else torch.zeros_like(ids_b, dtype=torch.bool)
-            ph_b = placeholder[b, valid]
-            pieces, lab_pieces, visual_flags = [], [], []
-            ph_positions = ph_b.nonzero().flatten().tolist()
-            start = 0
-            for pos in ph_positions + [ids_b.shape[0]]:
-                if pos > start:
-                    pieces.append(emb_b[start:pos])
-                    visual_flags.append(ts_b[start:pos])
-                    if lab_b is not None:
-                        lab_pieces.append(lab_b[start:pos])
-                if pos < ids_b.shape[0]:
-                    feats = next(kept_iter).to(emb_b.device, emb_b.dtype)
-                    pieces.append(feats)
-                    visual_flags.append(torch.ones(feats.shape[0], dtype=torch.bool, device=device))
-                    if lab_b is not None:
-                        lab_pieces.append(torch.full((feats.shape[0],), IGNORE_INDEX, dtype=lab_b.dtype, device=device))
-                start = pos + 1
-            emb_b = torch.cat(pieces) if pieces else emb_b[:0]
-            vis_b = torch.cat(visual_flags) if visual_flags else ts_b[:0]
-            lab_b = torch.cat(lab_pieces) if lab_b is not None and lab_pieces else lab_b
-            # The reference's context limit: cut the visual part at its end when text + visual
-            # would exceed max_context_length - reserved tokens; then cap the whole sequence.
-            num_visual = int(vis_b.sum())
-            max_visual = limit_visual - (emb_b.shape[0] - num_visual)
-            if num_visual > max(max_visual, 0):
-                cut = num_visual - max(max_visual, 0)
-                visual_positions = vis_b.nonzero().flatten()
-                keep = torch.ones_like(vis_b)
-                keep[visual_positions[num_visual - cut :]] = False
-                emb_b = emb_b[keep]
-                lab_b = lab_b[keep] if lab_b is not None else None
-                logger.warning_once(
-                    f"sample {b}: text + visual tokens exceed the context limit ({cfg.max_context_length}); "
-                    f"the last {cut} visual positions were cut"
-                )
-            emb_b = emb_b[: cfg.max_context_length]
-            lab_b = lab_b[: cfg.max_context_length] if lab_b is not None else None
-            embeds_list.append(emb_b)
-            labels_list.append(lab_b)
-
-        max_len = max(e.shape[0] for e in embeds_list)
-        dim = text_embeds.shape[-1]
-        inputs_embeds = text_embeds.new_zeros(batch, max_len, dim)
-        new_mask = torch.zeros(batch, max_len, dtype=attention_mask.dtype, device=device)
-        new_labels = None
-        if labels is not None:
-            new_labels = torch.full((batch, max_len), IGNORE_INDEX, dtype=labels.dtype, device=device)
-        for b, emb_b in enumerate(embeds_list):
-            n = emb_b.shape[0]
-            sl = slice(max_len - n, max_len) if padding_side == "left" else slice(0, n)
-            inputs_embeds[b, sl] = emb_b
-            new_mask[b, sl] = 1
-            if new_labels is not None:
-                new_labels[b, sl] = labels_list[b]
+        kept_features = iter(kept)
+        spliced = []
+        for b in range(input_ids.shape[0]):
+            valid = attention_mask[b].to(device).bool()
+            sample = splice_sample(
+                text_embeds[b, valid],
+                placeholder[b].to(device)[valid],
+                kept_features,
+                labels=labels[b].to(device)[valid] if labels is not None else None,
+                timestamp_mask=timestamp_mask[b].to(device)[valid].bool() if timestamp_mask is not None else None,
+            )
+            spliced.append(self._fit_context(sample, b))
+        inputs_embeds, new_mask, new_labels = pad_spliced(spliced, padding_side, attention_mask.dtype)
         return DecoderInputs(
             inputs_embeds=inputs_embeds,
             attention_mask=new_mask,
@@ -549,6 +543,59 @@ class TempoModel(TempoPreTrainedModel):
             token_allocation=allocation,
             segment_sample_index=sample_index,
         )
+
+    def _placeholder_mask(self, input_ids, attention_mask, compressor_input_ids) -> torch.Tensor:
+        """Where the visual placeholders are; one compressor row must exist per placeholder."""
+        cfg = self.config
+        placeholder = ((input_ids == cfg.video_token_id) | (input_ids == cfg.image_token_id)) & attention_mask.bool()
+        num_placeholders = int(placeholder.sum())
+        num_rows = 0 if compressor_input_ids is None else compressor_input_ids.shape[0]
+        if num_placeholders != num_rows:
+            raise ValueError(
+                f"the decoder prompt holds {num_placeholders} visual placeholders but {num_rows} compressor rows "
+                "were given; build both with TempoProcessor"
+            )
+        return placeholder
+
+    def allocate(
+        self, relevance, sample_index, is_video_row, compressor_input_ids, use_ata, visual_token_budget,
+        min_tokens_per_segment,
+    ) -> torch.LongTensor:
+        """Features kept per compressor row: ATA over each sample's video segments (one budget per
+        video), all memory tokens for images and when ATA is off."""
+        cfg = self.config
+        row_has_video = (compressor_input_ids == cfg.compressor_config.video_token_id).any(dim=1)
+        if not torch.equal(is_video_row, row_has_video):
+            raise ValueError("decoder placeholders and compressor rows disagree on which rows are video")
+        allocation = torch.full(
+            (relevance.shape[0],), cfg.num_memory_tokens, dtype=torch.long, device=compressor_input_ids.device
+        )
+        if use_ata and bool(is_video_row.any()):
+            allocation[is_video_row] = ata_for_samples(
+                relevance[is_video_row],
+                sample_index[is_video_row],
+                budget=int(visual_token_budget),
+                min_tokens=int(min_tokens_per_segment),
+                max_tokens=cfg.num_memory_tokens,
+            ).to(allocation.device)
+        return allocation
+
+    def _fit_context(self, sample: SplicedSample, index: int) -> SplicedSample:
+        """The released context limit: when text + visual exceed max_context_length - reserved tokens,
+        the visual part (features and timestamps) is cut at its end; then the whole sequence is capped."""
+        cfg = self.config
+        num_visual = int(sample.visual.sum())
+        max_visual = max(cfg.max_context_length - cfg.reserved_context_tokens - (sample.length - num_visual), 0)
+        if num_visual > max_visual:
+            cut = num_visual - max_visual
+            keep = torch.ones_like(sample.visual)
+            keep[sample.visual.nonzero().flatten()[max_visual:]] = False
+            sample = sample.select(keep)
+            logger.warning_once(
+                f"sample {index}: text + visual tokens exceed the context limit ({cfg.max_context_length}); "
+                f"the last {cut} visual positions were cut"
+            )
+        return sample.select(slice(0, cfg.max_context_length))
 
     # ------------------------------------------------------------------ 5. decoder
     @can_return_tuple
@@ -630,96 +677,6 @@ class TempoModel(TempoPreTrainedModel):
             segment_sample_index=sample_index,
             labels=labels,
         )
-
-
-def reject_prompt_positions(position_ids) -> None:
-    """Positions given for a prompt with visual placeholders cannot be honoured: each placeholder
-    widens to its kept features, so the decoder sequence is longer than the prompt and its positions
-    are only known after the splice (Tempo numbers them 0.. over the real tokens, as Qwen3 does)."""
-    if position_ids is not None:
-        raise ValueError(
-            "position_ids cannot be given with visual inputs: the decoder sequence is longer than input_ids "
-            "(each placeholder becomes its kept visual features), and Tempo computes its positions after the "
-            "splice; leave position_ids out"
-        )
-
-
-@contextmanager
-def decode_attention_while_generating(text_config):
-    """While generating, a decoder configured for sdpa uses `fast_paths.decode_attention`: the same
-    sdpa calls, except that compiled single-token steps read the grouped-query KV cache directly
-    instead of through `repeat_kv` copies. The configuration is restored afterwards."""
-    previous = text_config._attn_implementation
-    if previous == "sdpa":
-        text_config._attn_implementation = DECODE_ATTENTION
-    try:
-        yield
-    finally:
-        text_config._attn_implementation = previous
-
-
-STATIC_CACHE_BUCKET = 1024
-
-
-def bucketed_static_cache_length(
-    generate_kwargs: dict, default_config: GenerationConfig, prompt_length: int, text_length: int = 0
-) -> None:
-    """With a static cache and no `max_cache_len` given, size the cache to what `generate` asks for
-    (prompt + new tokens) rounded up to a multiple of `STATIC_CACHE_BUCKET`.
-
-    `prompt_length` is the spliced sequence's, `text_length` that of the `input_ids` handed along
-    with it: when the two differ, transformers asks for both together (it sizes the cache from the
-    ids and adds the embeddings' length), so the bucket must cover that sum or it is ignored.
-
-    Why: the compiled decoding step is specialised to the cache length. transformers reuses a cache
-    that is long enough (it never shrinks it), so with buckets videos whose prompts differ by a few
-    timestamps or question tokens share one compiled step instead of each growing the cache by a few
-    slots and recompiling. At most budget / bucket recompilations in all; unused slots are masked.
-    """
-    config = generate_kwargs.get("generation_config") or default_config
-    implementation = generate_kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
-    if implementation != "static" or generate_kwargs.get("max_cache_len") is not None:
-        return
-    if getattr(config, "max_cache_len", None) is not None:
-        return
-    new_tokens = generate_kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
-    if new_tokens is None:
-        return
-    needed = prompt_length + new_tokens + (text_length if text_length != prompt_length else 0)
-    generate_kwargs["max_cache_len"] = -(-needed // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
-
-
-def resolve_ata_options(model, visual_token_budget, min_tokens_per_segment, use_ata, token_selection) -> dict:
-    """Per-call ATA options, falling back to the generation config, then the model config.
-
-    ATA is an inference-time choice: in training mode it is off unless `use_ata=True` is passed.
-    """
-    gen = getattr(model, "generation_config", None)
-    cfg = model.config
-
-    def pick(value, name):
-        if value is not None:
-            return value.item() if isinstance(value, torch.Tensor) else value
-        if gen is not None and getattr(gen, name, None) is not None:
-            return getattr(gen, name)
-        return getattr(cfg, name)
-
-    resolved = {
-        "visual_token_budget": int(pick(visual_token_budget, "visual_token_budget")),
-        "min_tokens_per_segment": int(pick(min_tokens_per_segment, "min_tokens_per_segment")),
-        "token_selection": pick(token_selection, "token_selection"),
-    }
-    if use_ata is None:
-        resolved["use_ata"] = False if model.training else bool(pick(None, "use_ata"))
-    else:
-        resolved["use_ata"] = bool(use_ata.item() if isinstance(use_ata, torch.Tensor) else use_ata)
-    if resolved["visual_token_budget"] < 1:
-        raise ValueError(f"visual_token_budget must be >= 1, got {resolved['visual_token_budget']}")
-    if not 1 <= resolved["min_tokens_per_segment"] <= cfg.num_memory_tokens:
-        raise ValueError(
-            f"min_tokens_per_segment must be in [1, {cfg.num_memory_tokens}], got {resolved['min_tokens_per_segment']}"
-        )
-    return resolved
 
 
 class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):

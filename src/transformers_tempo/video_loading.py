@@ -41,6 +41,8 @@ import torch
 from transformers.utils import logging
 from transformers.video_utils import VideoMetadata
 
+from .frame_geometry import longer_edge_size, resize_frames, resize_frames_pil
+
 logger = logging.get_logger(__name__)
 
 __all__ = [
@@ -995,8 +997,6 @@ class _FrameStore:
                 )
                 self.size_warned = True
         if other_size:
-            from .video_processing_tempo import resize_frames
-
             chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
             image = resize_frames(chw, tuple(self.buffer.shape[1:3]))[0].permute(1, 2, 0).numpy()
         for slot in slots:
@@ -1063,8 +1063,6 @@ def _check_aspect_ratio(height: int, width: int, name: str) -> None:
 
 def _limit_longer_edge(frames: torch.Tensor, limit: int, resize_backend: str = "torch") -> torch.Tensor:
     """(T, H, W, 3) uint8 -> the same with the processor's longer-edge resize applied."""
-    from .video_processing_tempo import longer_edge_size, resize_frames, resize_frames_pil
-
     height, width = frames.shape[1:3]
     size = longer_edge_size(height, width, limit)
     if size == (height, width):

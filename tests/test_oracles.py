@@ -265,3 +265,31 @@ def test_each_video_gets_its_own_budget(tiny_model, hand_inputs):
     assert torch.equal(out.token_allocation, per_video)
     assert out.token_allocation[:6].sum() <= budget and out.token_allocation[6:].sum() <= budget
     assert out.token_allocation.sum() > budget  # together they hold more than one budget
+
+
+# ------------------------------------------------------------------------------ relevance
+def test_relevance_reads_the_token_before_the_memory_tokens(tiny_model, hand_inputs):
+    """sigmoid(r . h) with h the compressor's last hidden state at each row's last prompt token,
+    taken from the compressor's own output (hooked), in float64."""
+    inputs = hand_inputs([3, "image"]).model_inputs()
+    states = []
+    handle = tiny_model.model.compressor.language_model.register_forward_hook(
+        lambda module, args, output: states.append(output.last_hidden_state)
+    )
+    try:
+        with torch.no_grad():
+            compressed = compress(tiny_model, inputs)
+    finally:
+        handle.remove()
+    lengths = inputs["compressor_attention_mask"].sum(1).tolist()
+    is_video = (inputs["compressor_input_ids"] == tiny_model.config.compressor_config.video_token_id).any(1)
+    rows = is_video.nonzero().flatten().tolist() + (~is_video).nonzero().flatten().tolist()  # video chunks first
+    hidden = [h for chunk in states for h in chunk]
+    r = tiny_model.model.relevance_head.weight[0].double()
+    expected = torch.empty(len(rows), dtype=torch.float64)
+    for h, row in zip(hidden, rows):
+        expected[row] = torch.sigmoid(h[lengths[row] - 1].double() @ r)
+    torch.testing.assert_close(compressed.relevance_scores.double(), expected, atol=1e-6, rtol=1e-5)
+    m = tiny_model.config.num_memory_tokens
+    for h, row in zip(hidden, rows):  # the features are the M positions right after the prompt
+        assert torch.equal(compressed.features[row], h[lengths[row] : lengths[row] + m])

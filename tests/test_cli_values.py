@@ -50,6 +50,43 @@ def ask(capsys, model_dir, video, *options, question="What happens?"):
     return json.loads(capsys.readouterr().out)
 
 
+# ------------------------------------------------------------------------------ timestamps
+def test_timestamps_in_both_prompts(tokenizer):
+    """Decoder: one `<t seconds>` per segment, t = its centre (8 i + 4) / fps. Compressor row i: one
+    per temporal patch j, the mean of its two frames' times (8 i + 2 j) / fps and (8 i + 2 j + 1) / fps."""
+    processor = TempoProcessor(video_processor=TempoVideoProcessor(), tokenizer=tokenizer)
+    fps, frames = 4.0, np.zeros((24, 64, 64, 3), dtype=np.uint8)
+    out = processor(text="What?", videos=[frames], video_metadata={"fps": fps}, return_tensors="pt")
+    stamp = re.compile(r"<(\d+\.\d) seconds>")
+    decoder_text = tokenizer.decode(out["input_ids"][0])
+    assert stamp.findall(decoder_text) == [f"{(8 * i + 4) / fps:.1f}" for i in range(3)] == ["1.0", "3.0", "5.0"]
+    for i in range(3):
+        row = tokenizer.decode(out["compressor_input_ids"][i][out["compressor_attention_mask"][i].bool()])
+        times = [((8 * i + 2 * j) / fps + (8 * i + 2 * j + 1) / fps) / 2 for j in range(4)]
+        assert stamp.findall(row) == [f"{t:.1f}" for t in times]
+    assert out["segment_times"].tolist() == [[0.0, 2.0], [2.0, 4.0], [4.0, 6.0]]
+
+
+# ------------------------------------------------------------------------------ video processor
+def test_video_processor_call(video):
+    vp = TempoVideoProcessor()
+    frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (12, 48, 64, 3), dtype=np.uint8))
+    out = vp(frames, real_fps=4.0)
+    direct = vp.process_video(frames, 4.0)
+    assert torch.equal(out["pixel_values_videos"], direct["pixel_values_videos"])
+    assert out["video_grid_thw"].tolist() == direct["video_grid_thw"].tolist()
+    # 12 frames: a segment of 8 and one of 4, centres (8 i + 4) / 4 s; patch times as above
+    assert [row[0] for row in out["video_grid_thw"].tolist()] == [4, 2]
+    assert out["segment_centers"] == pytest.approx([1.0, 3.0])
+    assert out["segment_frame_timestamps"][1] == pytest.approx([(8 / 4 + 9 / 4) / 2, (10 / 4 + 11 / 4) / 2])
+    # a file is loaded at the processor's own rate: 2 fps over 20 s -> 40 frames -> 5 segments
+    from_file = vp(video)
+    assert from_file["video_grid_thw"].shape[0] == 5
+    assert from_file["segment_centers"] == pytest.approx([2.0, 6.0, 10.0, 14.0, 18.0])
+    slow = TempoVideoProcessor(fps=1.0)(video)
+    assert slow["video_grid_thw"].shape[0] == 3 and slow["segment_centers"] == pytest.approx([4.0, 12.0, 20.0])
+
+
 def test_fps_and_max_frames_set_the_sampling(capsys, model_dir, video):
     default = ask(capsys, model_dir, video)
     assert default["sampled_frames"] == 2 * SECONDS and default["real_fps"] == pytest.approx(2.0)
@@ -103,43 +140,6 @@ def test_seed_fixes_the_sampled_answer(capsys, model_dir, short_video):
         new = out[:, inputs["input_ids"].shape[1] :]
         assert answer == processor.batch_decode(new, skip_special_tokens=True)[0].strip()
     assert answers[3] != answers[4]
-
-
-# ------------------------------------------------------------------------------ timestamps
-def test_timestamps_in_both_prompts(tokenizer):
-    """Decoder: one `<t seconds>` per segment, t = its centre (8 i + 4) / fps. Compressor row i: one
-    per temporal patch j, the mean of its two frames' times (8 i + 2 j) / fps and (8 i + 2 j + 1) / fps."""
-    processor = TempoProcessor(video_processor=TempoVideoProcessor(), tokenizer=tokenizer)
-    fps, frames = 4.0, np.zeros((24, 64, 64, 3), dtype=np.uint8)
-    out = processor(text="What?", videos=[frames], video_metadata={"fps": fps}, return_tensors="pt")
-    stamp = re.compile(r"<(\d+\.\d) seconds>")
-    decoder_text = tokenizer.decode(out["input_ids"][0])
-    assert stamp.findall(decoder_text) == [f"{(8 * i + 4) / fps:.1f}" for i in range(3)] == ["1.0", "3.0", "5.0"]
-    for i in range(3):
-        row = tokenizer.decode(out["compressor_input_ids"][i][out["compressor_attention_mask"][i].bool()])
-        times = [((8 * i + 2 * j) / fps + (8 * i + 2 * j + 1) / fps) / 2 for j in range(4)]
-        assert stamp.findall(row) == [f"{t:.1f}" for t in times]
-    assert out["segment_times"].tolist() == [[0.0, 2.0], [2.0, 4.0], [4.0, 6.0]]
-
-
-# ------------------------------------------------------------------------------ video processor
-def test_video_processor_call(video):
-    vp = TempoVideoProcessor()
-    frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (12, 48, 64, 3), dtype=np.uint8))
-    out = vp(frames, real_fps=4.0)
-    direct = vp.process_video(frames, 4.0)
-    assert torch.equal(out["pixel_values_videos"], direct["pixel_values_videos"])
-    assert out["video_grid_thw"].tolist() == direct["video_grid_thw"].tolist()
-    # 12 frames: a segment of 8 and one of 4, centres (8 i + 4) / 4 s; patch times as above
-    assert [row[0] for row in out["video_grid_thw"].tolist()] == [4, 2]
-    assert out["segment_centers"] == pytest.approx([1.0, 3.0])
-    assert out["segment_frame_timestamps"][1] == pytest.approx([(8 / 4 + 9 / 4) / 2, (10 / 4 + 11 / 4) / 2])
-    # a file is loaded at the processor's own rate: 2 fps over 20 s -> 40 frames -> 5 segments
-    from_file = vp(video)
-    assert from_file["video_grid_thw"].shape[0] == 5
-    assert from_file["segment_centers"] == pytest.approx([2.0, 6.0, 10.0, 14.0, 18.0])
-    slow = TempoVideoProcessor(fps=1.0)(video)
-    assert slow["video_grid_thw"].shape[0] == 3 and slow["segment_centers"] == pytest.approx([4.0, 12.0, 20.0])
 
 
 # ------------------------------------------------------------------------------ ValueError paths

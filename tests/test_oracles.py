@@ -136,6 +136,34 @@ def assert_decoder_call(call, embeds, mask):
         assert torch.equal(positions[b, valid], torch.arange(int(valid.sum())))
 
 
+# ------------------------------------------------------------------------------ relevance
+def test_relevance_reads_the_token_before_the_memory_tokens(tiny_model, hand_inputs):
+    """sigmoid(r . h) with h the compressor's last hidden state at each row's last prompt token,
+    taken from the compressor's own output (hooked), in float64."""
+    inputs = hand_inputs([3, "image"]).model_inputs()
+    states = []
+    handle = tiny_model.model.compressor.language_model.register_forward_hook(
+        lambda module, args, output: states.append(output.last_hidden_state)
+    )
+    try:
+        with torch.no_grad():
+            compressed = compress(tiny_model, inputs)
+    finally:
+        handle.remove()
+    lengths = inputs["compressor_attention_mask"].sum(1).tolist()
+    is_video = (inputs["compressor_input_ids"] == tiny_model.config.compressor_config.video_token_id).any(1)
+    rows = is_video.nonzero().flatten().tolist() + (~is_video).nonzero().flatten().tolist()  # video chunks first
+    hidden = [h for chunk in states for h in chunk]
+    r = tiny_model.model.relevance_head.weight[0].double()
+    expected = torch.empty(len(rows), dtype=torch.float64)
+    for h, row in zip(hidden, rows):
+        expected[row] = torch.sigmoid(h[lengths[row] - 1].double() @ r)
+    torch.testing.assert_close(compressed.relevance_scores.double(), expected, atol=1e-6, rtol=1e-5)
+    m = tiny_model.config.num_memory_tokens
+    for h, row in zip(hidden, rows):  # the features are the M positions right after the prompt
+        assert torch.equal(compressed.features[row], h[lengths[row] : lengths[row] + m])
+
+
 CASES = {
     "videos-left": dict(samples=[3, 2], padding_side="left"),
     "videos-right": dict(samples=[2, 4], padding_side="right"),
@@ -227,7 +255,8 @@ def test_context_limit_cut(tokenizer, hand_inputs, where):
     built = hand_inputs([3, 1], padding_side="right", answer="red")
     inputs = built.model_inputs(with_labels=True)
     ids, mask, ts = built.input_ids, built.attention_mask, built.timestamp_mask
-    text_len = int((mask.bool() & (ts == 0)).sum(1).max()) - 1  # longest row, placeholders aside
+    placeholder = (ids == model.config.video_token_id) | (ids == model.config.image_token_id)
+    text_len = int((mask.bool() & (ts == 0) & ~placeholder).sum(1).max())  # longest row's plain text
     if where == "visual":
         model.config.max_context_length = text_len + 20 + model.config.reserved_context_tokens
     else:
@@ -265,31 +294,3 @@ def test_each_video_gets_its_own_budget(tiny_model, hand_inputs):
     assert torch.equal(out.token_allocation, per_video)
     assert out.token_allocation[:6].sum() <= budget and out.token_allocation[6:].sum() <= budget
     assert out.token_allocation.sum() > budget  # together they hold more than one budget
-
-
-# ------------------------------------------------------------------------------ relevance
-def test_relevance_reads_the_token_before_the_memory_tokens(tiny_model, hand_inputs):
-    """sigmoid(r . h) with h the compressor's last hidden state at each row's last prompt token,
-    taken from the compressor's own output (hooked), in float64."""
-    inputs = hand_inputs([3, "image"]).model_inputs()
-    states = []
-    handle = tiny_model.model.compressor.language_model.register_forward_hook(
-        lambda module, args, output: states.append(output.last_hidden_state)
-    )
-    try:
-        with torch.no_grad():
-            compressed = compress(tiny_model, inputs)
-    finally:
-        handle.remove()
-    lengths = inputs["compressor_attention_mask"].sum(1).tolist()
-    is_video = (inputs["compressor_input_ids"] == tiny_model.config.compressor_config.video_token_id).any(1)
-    rows = is_video.nonzero().flatten().tolist() + (~is_video).nonzero().flatten().tolist()  # video chunks first
-    hidden = [h for chunk in states for h in chunk]
-    r = tiny_model.model.relevance_head.weight[0].double()
-    expected = torch.empty(len(rows), dtype=torch.float64)
-    for h, row in zip(hidden, rows):
-        expected[row] = torch.sigmoid(h[lengths[row] - 1].double() @ r)
-    torch.testing.assert_close(compressed.relevance_scores.double(), expected, atol=1e-6, rtol=1e-5)
-    m = tiny_model.config.num_memory_tokens
-    for h, row in zip(hidden, rows):  # the features are the M positions right after the prompt
-        assert torch.equal(compressed.features[row], h[lengths[row] : lengths[row] + m])

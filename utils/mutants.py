@@ -12,6 +12,7 @@ tests killed it and which mutants survived (exit status 1 if any survived or cou
     python utils/mutants.py shared_budget   # some of them
     python utils/mutants.py --list          # names, bugs and test files
     python utils/mutants.py --files tests/test_modeling.py tests/test_streaming.py   # other tests
+    python utils/mutants.py --every         # no -x: list every test that fails under each mutant
 
 One mutant by hand, as a pytest plugin (this folder on PYTHONPATH):
 
@@ -246,11 +247,12 @@ class Outcome:
     seconds: float
 
 
-def run_one(name: str, tests: list[str], timeout: int) -> Outcome:
+def run_one(name: str, tests: list[str], timeout: int, every: bool = False) -> Outcome:
     env = dict(os.environ)
     env[ENV_VAR] = name
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO / "utils"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "mutants", "-p", "no:cacheprovider", "-rfE", *tests]
+    stop = [] if every else ["-x"]
+    cmd = [sys.executable, "-m", "pytest", *stop, "-q", "-p", "mutants", "-p", "no:cacheprovider", "-rfE", *tests]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -263,7 +265,7 @@ def run_one(name: str, tests: list[str], timeout: int) -> Outcome:
         return Outcome(name, "NOT APPLIED", line, seconds)
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", proc.stdout, flags=re.M)
     if proc.returncode == 1 and failed:
-        return Outcome(name, "killed", failed[0], seconds)
+        return Outcome(name, "killed", " ".join(failed) if every else failed[0], seconds)
     if proc.returncode == 0:
         return Outcome(name, "SURVIVED", text.strip().splitlines()[-1] if text.strip() else "", seconds)
     last = text.strip().splitlines()[-1] if text.strip() else ""
@@ -276,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="show the mutants and exit")
     parser.add_argument("--files", nargs="+", default=None, help="test files to run for every mutant instead of its own")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per mutant")
+    parser.add_argument("--every", action="store_true", help="run all the tests (no -x) and list every test that fails")
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in MUTANTS]
     if unknown:
@@ -289,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = []
     for name in names:
         tests = args.files or MUTANTS[name].tests
-        outcome = run_one(name, tests, args.timeout)
+        outcome = run_one(name, tests, args.timeout, args.every)
         outcomes.append(outcome)
         print(f"{outcome.status:11} {name:30} {outcome.seconds:6.1f} s  {outcome.detail}", flush=True)
     total = time.perf_counter() - total

@@ -152,7 +152,7 @@ def test_beam_search_equals_a_beam_search_by_hand(model, processor, videos):
             valid = mask[b].bool()
             expected = beam_search_by_hand(model, embeds[b : b + 1, valid], mask[b : b + 1, valid], 3, NEW_TOKENS)
             assert new[b].tolist() == expected.tolist(), b
-    assert not torch.equal(new, greedy[:, inputs["input_ids"].shape[1] :])  # beams changed something
+    assert not torch.equal(new, greedy[:, inputs["input_ids"].shape[1] :]), "the case must tell beams from greedy"
 
 
 def test_seeded_sampling_equals_sampling_by_hand(model, processor, videos):

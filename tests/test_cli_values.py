@@ -181,9 +181,10 @@ def test_model_value_errors(tiny_model, hand_inputs):
 # ------------------------------------------------------------------------------ tempo convert
 def test_tempo_convert_writes_the_released_values(tmp_path, tokenizer, capsys):
     """`tempo convert` on a tiny checkpoint in the released layout: every converted tensor is the
-    released one (float32 here, so exactly), the relevance vector is the base model's Yes - No rows
-    in bf16, and the converted model computes the source model's logits."""
-    from test_conversion import expected_relevance, write_base_qwen3vl, write_released_checkpoint
+    released one (float32 here, so exactly), the relevance vector is the base model's Yes row minus
+    its No row (subtracted in the dtype the converted config names, bfloat16 by default), and the
+    converted model computes the source model's logits."""
+    from test_conversion import write_base_qwen3vl, write_released_checkpoint
 
     source = build_tiny_model(tokenizer, seed=5)
     base_path, tempo_path, out = tmp_path / "base", tmp_path / "released", tmp_path / "converted"
@@ -196,7 +197,10 @@ def test_tempo_convert_writes_the_released_values(tmp_path, tokenizer, capsys):
     converted = AutoModel.from_pretrained(out).eval()
     assert converted.dtype == torch.float32
     want = source.state_dict()
-    want["model.relevance_head.weight"] = expected_relevance(base, tokenizer)
+    rows = base.get_output_embeddings().weight.detach()[[tokenizer.get_vocab()["Yes"], tokenizer.get_vocab()["No"]]]
+    subtract = getattr(converted.config, "relevance_vector_dtype", "bfloat16")
+    subtract = getattr(torch, subtract) if isinstance(subtract, str) else subtract
+    want["model.relevance_head.weight"] = (rows[0].to(subtract) - rows[1].to(subtract)).float()[None]
     got = converted.state_dict()
     assert set(got) == set(want)
     for name, value in want.items():

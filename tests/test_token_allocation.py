@@ -457,3 +457,19 @@ def test_allocation_on_cuda_equals_the_released_arithmetic_on_ties():
     assert out.device.type == "cuda"
     for k, (s, *_) in enumerate(cases):
         assert out[index == k].tolist() == released_ata(s, 1023, 4, 128)
+
+
+# ---------------------------------------------------------------- one budget per video
+
+
+def test_a_long_and_a_short_video_keep_their_own_budgets():
+    """One shared budget would squeeze the short video to fit the long one: per-sample runs must not."""
+    gen = torch.Generator().manual_seed(3)
+    long_scores, short_scores = torch.rand(30, generator=gen), torch.rand(3, generator=gen)
+    scores = torch.cat([long_scores, short_scores])
+    index = torch.tensor([0] * 30 + [1] * 3)
+    out = ata_for_samples(scores, index, budget=200, min_tokens=4, max_tokens=64)
+    assert torch.equal(out[:30], allocate_tokens(long_scores, 200, 4, 64))
+    assert torch.equal(out[30:], allocate_tokens(short_scores, 200, 4, 64))
+    assert not torch.equal(out, allocate_tokens(scores, 200, 4, 64))  # a shared budget would differ
+    assert out[:30].sum() <= 200 and out.sum() > 200

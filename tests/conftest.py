@@ -113,3 +113,14 @@ def hand_inputs(tokenizer):
         return HandBuiltInputs(tokenizer, samples, **kwargs)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """The shared tiny model saved with its processor (read-only: tests that change it save their own)."""
+    from transformers_tempo import TempoProcessor, TempoVideoProcessor
+
+    path = tmp_path_factory.mktemp("tiny-tempo")
+    build_tiny_model(tokenizer).save_pretrained(path)
+    TempoProcessor(video_processor=TempoVideoProcessor(), tokenizer=tokenizer).save_pretrained(path)
+    return path

@@ -139,6 +139,9 @@ class _RunAfter(importlib.abc.Loader):
     def __init__(self, loader, watcher: _RegisterAfterImport, is_package_module: bool):
         self.loader, self.watcher, self.is_package_module = loader, watcher, is_package_module
 
+    def __getattr__(self, name):  # get_code, get_source, is_package, get_resource_reader, ...
+        return getattr(self.loader, name)
+
     def create_module(self, spec):
         return self.loader.create_module(spec)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import BatchFeature, Pipeline
 
+from .modeling_tempo import resolve_ata_options
 from .streaming import compress_streaming
 from .video_loading import LoadedVideo, load_video
 
@@ -211,6 +212,7 @@ class VideoQuestionAnsweringPipeline(Pipeline):
         if "generation_config" not in generate_kwargs and getattr(self, "generation_config", None) is not None:
             generate_kwargs["generation_config"] = self.generation_config
         compressed = model_inputs.get("compressed")  # already done while decoding (preprocess_streaming)
+        ata = resolve_ata_options(self.model, **{name: ata_options.get(name) for name in ATA_CALL_OPTIONS}, token_selection=None)
         t0 = _sync(self.device)
         with torch.inference_mode():
             prepared = self.model.prepare_generation_inputs(
@@ -221,7 +223,7 @@ class VideoQuestionAnsweringPipeline(Pipeline):
         t2 = _sync(self.device)
         times.compress += t1 - t0
         times.answer = t2 - t1
-        return {"output": output, "prepared": prepared, **model_keys, "videos": model_inputs["videos"], "times": times}
+        return {"output": output, "prepared": prepared, **model_keys, "videos": model_inputs["videos"], "times": times, "ata": ata}
 
     def postprocess(self, model_outputs):
         output, prepared, videos = model_outputs["output"], model_outputs["prepared"], model_outputs["videos"]
@@ -242,9 +244,36 @@ class VideoQuestionAnsweringPipeline(Pipeline):
                     )
                 )
                 result["warnings"] = list(video.warnings)
+                note = budget_note(model_outputs.get("ata"), result["segments"], result["visual_tokens"])
+                if note:
+                    result["warnings"].append(note)
             result["timings"] = model_outputs["times"].as_dict()
             results.append(result)
         return results
+
+
+def budget_note(ata: dict | None, segments: int, kept: int) -> str | None:
+    """The warning for a visual token budget too small for the video's segments, or None.
+
+    ATA gives every segment at least `min_tokens_per_segment` tokens; when the budget cannot pay for
+    that, the minimum is lowered to budget // segments, and to one token when the budget is below
+    the number of segments, so that every segment is still seen: then more tokens than the budget
+    are kept (one per segment).
+    """
+    if not ata or not ata["use_ata"] or not segments:
+        return None
+    budget, minimum = ata["visual_token_budget"], ata["min_tokens_per_segment"]
+    if segments * minimum <= budget:
+        return None
+    if kept > budget:
+        return (
+            f"visual token budget {budget} is below the video's {segments} segments: every segment keeps at "
+            f"least one token, so {kept} visual tokens were used, more than the budget"
+        )
+    return (
+        f"visual token budget {budget} is below {segments} segments x {minimum} tokens: "
+        f"the minimum per segment was lowered to {max(1, budget // segments)}"
+    )
 
 
 def _is_frame_list(video) -> bool:

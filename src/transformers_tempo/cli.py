@@ -393,7 +393,7 @@ def cmd_ask(args) -> int:
         raise UsageError(str(cause)) from err
     if decode_s is not None:
         result["timings"]["decode"] = decode_s
-    if demo:
+    if demo and args.json:  # (on a terminal the notice above and the answer line say it)
         result.setdefault("warnings", []).append(DEMO_WARNING)
     result = {"video": str(video), "question": args.question, "model": model, **result}
     if args.plot:

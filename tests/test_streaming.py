@@ -235,7 +235,7 @@ def test_pending_video_gives_the_decoded_videos_prompts_and_grids(processor, num
         assert set(pending) == set(decoded) - {"pixel_values_videos"}
         for key in pending:
             assert torch.equal(pending[key], decoded[key]), key
-    else:  # TEMPO_REFERENCE: 1280x720 -> 512x288 -> 512x256, patches of 16; 128 segments of 8 frames
+    else:  # docs/released-model.md, "Video in": 1280x720 -> 512x288 -> 512x256, patches of 16; 128 segments of 8 frames
         assert grid.shape == (128, 3) and grid.unique(dim=0).tolist() == [[4, 16, 32]]
 
 

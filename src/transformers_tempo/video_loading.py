@@ -1,6 +1,6 @@
 """Video in: open a video with PyAV, sample it at 2 fps the way Tempo does, decode only those frames.
 
-The sampling rule is the released one (TEMPO_REFERENCE.md, "Video in", step 1; `infer.py`'s
+The sampling rule is the released one (docs/released-model.md, "Video in", step 1; `infer.py`'s
 `compute_sample_indices`): with `total` frames at `source_fps`,
 
     duration = total / source_fps

@@ -2,7 +2,6 @@
 found before any model is loaded or video decoded; Ctrl-C is one line and exit status 130."""
 
 import json
-import os
 import subprocess
 import sys
 

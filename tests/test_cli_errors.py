@@ -211,3 +211,21 @@ def test_ctrl_c_in_batch_keeps_the_answers_and_the_next_run_resumes(tiny_model_d
     done = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["id"] for r in done] == [0, 1, 2] and done[0] == kept[0]
     assert not batch.part_path(output, 0).exists()
+
+
+def test_each_warning_is_shown_once_and_kept_in_the_json(tiny_model_dir, tmp_path, capsys):
+    # A Matroska file cut short: its frame count is missing (normal for the format: not a warning)
+    # and its sampled frames past the cut cannot be decoded (a warning, shown once).
+    whole = write_test_video(tmp_path / "whole.mkv", num_frames=60, fps=10, width=64, height=48)
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * 0.6)])
+    args = ["ask", str(cut), "q", "--model", str(tiny_model_dir), "--max-new-tokens", "2"]
+    assert cli.main(args) == 0
+    captured = capsys.readouterr()
+    shown = [line for line in (captured.out + captured.err).splitlines() if "cut.mkv" in line and "video:" not in line]
+    assert len(shown) >= 1 and all(line.startswith("warning: ") for line in shown)
+    assert len(set(shown)) == len(shown)  # none twice
+    assert "frame count" not in captured.out + captured.err
+    assert cli.main([*args, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["warnings"] == [line.removeprefix("warning: ") for line in shown]

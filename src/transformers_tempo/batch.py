@@ -482,7 +482,7 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
         '"model.memory_tokens": 0, "model.relevance_head": 0, "model.projector": 1, "model.language_model": 1, '
         '"lm_head": 1}\'',
     )
-    p.add_argument("--dtype", default=None, choices=DTYPES, help="weights' dtype (default: float32; auto: as saved)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="the weights' dtype (default: auto, as saved)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 

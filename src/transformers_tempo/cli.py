@@ -497,7 +497,7 @@ def cmd_convert(args) -> int:
 
 def add_answer_options(p: argparse.ArgumentParser) -> None:
     """Sampling, ATA and generation options shared by `ask`, `demo` and `batch`."""
-    p.add_argument("--budget", type=int, default=None, help="visual token budget (ATA), e.g. 4096 or 8192")
+    p.add_argument("--budget", type=int, default=None, help="most visual tokens for the video (default: the model's, 8192 for Tempo-6B); every segment keeps at least one")
     p.add_argument("--no-ata", action="store_true", help="keep all memory tokens of every segment")
     p.add_argument("--fps", type=float, default=None, help="sampling rate (default 2.0)")
     p.add_argument("--max-frames", type=int, default=None, help="most frames to sample (default 1024)")
@@ -517,7 +517,7 @@ def add_ask_options(p: argparse.ArgumentParser) -> None:
     add_answer_options(p)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
     p.add_argument("--device-map", default=None, help="spread the model over GPUs: auto, or a JSON {module: device}")
-    p.add_argument("--dtype", default=None, choices=DTYPES, help="weights' dtype (default: float32; auto: as saved)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="the weights' dtype (default: auto, as saved)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="write the token allocation picture")
     p.add_argument("--quiet-summary", action="store_true", help=argparse.SUPPRESS)

@@ -352,8 +352,7 @@ def cmd_ask(args) -> int:
     show_progress = sys.stderr.isatty() and not args.json  # progress bars only on a terminal, never with --json
     if args.stream:
         # The model first, then decoding and compression together (a bad video is found after the load).
-        if args.model is None and not args.json:
-            print("no --model given: using the tiny random demo model (its answers are noise)", file=sys.stderr)
+        demo_notice(args)
         vqa = load_pipeline(model, args.device, args.dtype, device_map, compile_compressor=args.compile)
         loaded, decode_s = str(video), None
         call = {"stream": True, **load_options}
@@ -365,8 +364,7 @@ def cmd_ask(args) -> int:
         except VideoLoadError as err:
             raise UsageError(str(err)) from err
         decode_s = time.perf_counter() - t0
-        if args.model is None and not args.json:
-            print("no --model given: using the tiny random demo model (its answers are noise)", file=sys.stderr)
+        demo_notice(args)
         vqa = load_pipeline(model, args.device, args.dtype, device_map, compile_compressor=args.compile)
         call = {}
     call.update(max_new_tokens=args.max_new_tokens, progress=show_progress)
@@ -407,6 +405,11 @@ def cmd_ask(args) -> int:
 
 
 DEMO_WARNING = "the model is the tiny random demo model: its answers are noise"
+
+
+def demo_notice(args) -> None:
+    if args.model is None and not args.json:
+        print("no --model given: using the tiny random demo model (its answers are noise)", file=sys.stderr)
 
 
 def answer_text(answer: str, demo: bool) -> str:
@@ -602,13 +605,13 @@ def _subcommand(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
+    debug, command = "--debug" in argv, _subcommand(argv)
     try:
-        command = _subcommand(argv)
         try:
             args = build_parser(command).parse_args(argv)
         except SystemExit as done:  # --help, or an argument error already printed on one line
             return done.code if isinstance(done.code, int) else 2
+        debug = args.debug
         configure_logging(debug)
         return args.func(args)
     except UsageError as err:

@@ -203,7 +203,7 @@ def test_mpegts_seeking_lands_late_and_is_corrected(tmp_path):
 def test_missing_frame_count_is_counted_and_logged_at_debug_level(tmp_path, caplog):
     # Matroska/WebM never store a frame count: counting the packets is normal, not worth a warning.
     path = write_test_video(tmp_path / "clip.mkv", num_frames=30, fps=10, width=96, height=64)
-    with caplog.at_level(logging.DEBUG, logger="transformers_tempo"):
+    with caplog.at_level(logging.DEBUG, logger="transformers_tempo.video_loading"):
         video = load_video(path)
     assert video.total_frames == 30
     assert not any("frame count" in w for w in video.warnings)

@@ -11,6 +11,8 @@ import torch
 from transformers_tempo import cli
 from transformers_tempo.synthetic import write_test_video
 
+REAL_HUB_PROBE = cli._hub_reachable  # (the autouse fixture below replaces the module's)
+
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
@@ -229,3 +231,22 @@ def test_each_warning_is_shown_once_and_kept_in_the_json(tiny_model_dir, tmp_pat
     assert cli.main([*args, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["warnings"] == [line.removeprefix("warning: ") for line in shown]
+
+
+def test_hub_probe_is_a_short_connection_and_trusts_a_proxy(monkeypatch):
+    import socket
+
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    calls = []
+
+    def refuse(address, timeout):
+        calls.append((address, timeout))
+        raise OSError("unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.org")
+    assert REAL_HUB_PROBE(timeout=2.0) is False
+    assert calls == [(("hub.example.org", 443), 2.0)]
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert REAL_HUB_PROBE() is True and len(calls) == 1

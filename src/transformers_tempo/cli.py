@@ -192,9 +192,14 @@ def _offline() -> bool:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hub's host answers a TCP connection within `timeout` seconds (no HTTP request)."""
+    """Whether the Hub's host answers a TCP connection within `timeout` seconds (no HTTP request).
+
+    Behind a proxy a direct connection says nothing: then the Hub client is left to try."""
     import socket
     from urllib.parse import urlparse
+
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
 
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     port = url.port or (443 if url.scheme == "https" else 80)

@@ -113,3 +113,26 @@ def hand_inputs(tokenizer):
         return HandBuiltInputs(tokenizer, samples, **kwargs)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """The shared tiny model saved with its processor (read-only: tests that change it save their own)."""
+    from transformers_tempo import TempoProcessor, TempoVideoProcessor
+
+    path = tmp_path_factory.mktemp("tiny-tempo")
+    build_tiny_model(tokenizer).save_pretrained(path)
+    TempoProcessor(video_processor=TempoVideoProcessor(), tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _restore_log_levels():
+    """`tempo` (cli.main) quiets the package's loggers for its process; in-process tests put them back."""
+    import logging
+
+    names = ["transformers_tempo", "transformers_tempo.video_loading", "transformers_tempo.token_allocation"]
+    levels = {name: logging.getLogger(name).level for name in names}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)

@@ -169,6 +169,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_accelerate_launch_two_processes(model_dir, video_dir, vqa, tmp_path):
     """The real thing: `accelerate launch` starts two processes (torchrun; gloo on this CPU machine)."""
     items = make_items(4)
@@ -195,6 +196,7 @@ def test_accelerate_launch_two_processes(model_dir, video_dir, vqa, tmp_path):
 
 
 # ------------------------------------------------------------------------------- (b) killed and resumed
+@pytest.mark.slow
 def test_killed_run_resumes_without_duplicates_or_losses(model_dir, video_dir, tmp_path, capsys):
     items = make_items(10)
     source = write_jsonl(video_dir / f"items-{tmp_path.name}.jsonl", items)

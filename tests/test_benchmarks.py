@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each runs a benchmark script in a fresh process
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 

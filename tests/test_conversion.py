@@ -432,6 +432,7 @@ print("remote ok")
 """
 
 
+@pytest.mark.slow
 def test_trust_remote_code_loads_without_the_package(converted, tmp_path):
     script = tmp_path / "remote.py"
     script.write_text(REMOTE_SCRIPT)
@@ -591,6 +592,7 @@ def test_push_to_hub_uploads_the_output_folder(world, tmp_path, monkeypatch):
     assert 'MODEL_ID = "me/tempo-6b"' in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_cli_script(world, tmp_path, capsys):
     out = tmp_path / "cli-out"
     argv = ["--tempo_path", str(world.tempo_path), "--qwen3vl_path", str(world.base_path), "--output_dir", str(out)]
@@ -639,6 +641,7 @@ def test_model_card_metadata():
         assert number in text
 
 
+@pytest.mark.slow
 def test_model_card_usage_snippet_runs(converted_bf16, tmp_path, monkeypatch):
     from transformers_tempo.synthetic import write_test_video
 

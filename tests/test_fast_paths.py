@@ -178,6 +178,7 @@ def test_mrope_position_ids_reject_mismatched_grids(tiny_model):
         mrope_position_ids(token_type, None, None, merge)
 
 
+@pytest.mark.slow
 def test_compiled_compressor_equals_eager(tiny_model, hand_inputs):
     inputs = hand_inputs([2, 1], grid=(4, 4, 6), seed=5)
     compiled = copy.deepcopy(tiny_model)

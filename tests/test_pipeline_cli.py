@@ -9,17 +9,13 @@ import torch
 from transformers import pipeline
 
 import transformers_tempo  # noqa: F401  (registers the task)
-from transformers_tempo import TempoProcessor, TempoVideoProcessor, VideoQuestionAnsweringPipeline
+from transformers_tempo import TempoProcessor, VideoQuestionAnsweringPipeline
 from transformers_tempo.synthetic import write_test_video
-from transformers_tempo.testing_utils import build_tiny_model
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-tempo")
-    build_tiny_model(tokenizer).save_pretrained(path)
-    TempoProcessor(video_processor=TempoVideoProcessor(), tokenizer=tokenizer).save_pretrained(path)
-    return path
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -124,36 +120,33 @@ def test_streamed_answers_equal_the_plain_ones(vqa, videos, monkeypatch):
 
 
 # ---------------------------------------------------------------------------- the `tempo` command
-def tempo(*args, cache):
-    env = {**os.environ, "TEMPO_CACHE": str(cache)}
-    return subprocess.run(
-        [sys.executable, "-m", "transformers_tempo.cli", *args], capture_output=True, text=True, env=env, timeout=300
-    )
-
-
+# In-process (`cli.main`); tests/test_cli_errors.py has the table of bad invocations.
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("tempo-cache")
 
 
-def test_tempo_demo_runs_and_says_the_model_is_random(cache):
-    result = tempo("demo", "--max-new-tokens", "4", cache=cache)
-    assert result.returncode == 0, result.stderr
-    assert "RANDOM" in result.stdout
-    assert "visual tokens kept" in result.stdout and "segments: 3" in result.stdout
-    answer_line = result.stdout.split("the real one.")[1].strip().splitlines()[0]
-    assert answer_line.strip() and answer_line != "answer: ''"  # the demo shows generated tokens
+def test_tempo_demo_runs_and_says_the_model_is_random(cache, capsys, monkeypatch):
+    from transformers_tempo.cli import main
+
+    monkeypatch.setenv("TEMPO_CACHE", str(cache))
+    assert main(["demo", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM" in out
+    assert "visual tokens kept" in out and "segments: 3" in out
+    answer_line = out.split("the real one.")[1].strip().splitlines()[0]
+    assert answer_line.strip() and not answer_line.startswith("answer: ''")  # the demo shows generated tokens
     assert (cache / "demo" / "tiny-tempo" / "config.json").exists()
 
 
-def test_tempo_ask_json_and_plot(cache, model_dir, videos, tmp_path):
+def test_tempo_ask_json_and_plot(model_dir, videos, tmp_path, capsys):
+    from transformers_tempo.cli import main
+
     plot = tmp_path / "alloc.png"
-    result = tempo(
-        "ask", str(videos[1]), "What happens?", "--model", str(model_dir), "--json", "--budget", "30",
-        "--max-new-tokens", "3", "--plot", str(plot), cache=cache,
-    )
-    assert result.returncode == 0, result.stderr
-    data = json.loads(result.stdout)
+    args = ["ask", str(videos[1]), "What happens?", "--model", str(model_dir), "--json", "--budget", "30",
+            "--max-new-tokens", "3", "--plot", str(plot)]  # fmt: skip
+    assert main(args) == 0
+    data = json.loads(capsys.readouterr().out)
     for key in ("answer", "duration", "sampled_frames", "segments", "visual_tokens", "tokens_per_frame", "segment_details", "timings"):
         assert key in data
     assert data["segments"] == 5 and data["visual_tokens"] <= 30
@@ -161,16 +154,29 @@ def test_tempo_ask_json_and_plot(cache, model_dir, videos, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 1000
 
 
-def test_tempo_ask_missing_and_corrupt_files_exit_2(cache, model_dir, tmp_path):
-    missing = tempo("ask", str(tmp_path / "missing.mp4"), "q", "--model", str(model_dir), cache=cache)
-    assert missing.returncode == 2
-    assert "missing.mp4" in missing.stderr and "Traceback" not in missing.stderr
+def test_tempo_ask_missing_and_corrupt_files_exit_2(model_dir, tmp_path, capsys):
+    from transformers_tempo.cli import main
+
+    assert main(["ask", str(tmp_path / "missing.mp4"), "q", "--model", str(model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "missing.mp4" in err and "Traceback" not in err
     corrupt = tmp_path / "corrupt.mp4"
     corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
-    bad = tempo("ask", str(corrupt), "q", "--model", str(model_dir), cache=cache)
-    assert bad.returncode == 2
-    assert "corrupt.mp4" in bad.stderr and "Traceback" not in bad.stderr
-    assert len(bad.stderr.strip().splitlines()) == 1
+    assert main(["ask", str(corrupt), "q", "--model", str(model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "corrupt.mp4" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_tempo_runs_as_a_module(cache, model_dir, videos):
+    """`python -m transformers_tempo.cli` (what `accelerate launch -m` runs) answers and fails like `tempo`."""
+    env = {**os.environ, "TEMPO_CACHE": str(cache)}
+    command = [sys.executable, "-m", "transformers_tempo.cli", "ask", str(videos[0]), "q", "--model", str(model_dir)]
+    bad = subprocess.run([*command, "--budget", "0"], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and bad.stderr == "tempo: error: --budget must be a positive integer, got 0\n"
+    good = subprocess.run([*command, "--json", "--max-new-tokens", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert good.returncode == 0, good.stderr
+    assert json.loads(good.stdout)["segments"] == 2
 
 
 def test_tempo_ask_stream_gives_the_same_answer_and_names_bad_files(model_dir, videos, tmp_path, capsys):
@@ -190,11 +196,6 @@ def test_tempo_ask_stream_gives_the_same_answer_and_names_bad_files(model_dir, v
     assert main(["ask", str(corrupt), "q", "--model", str(model_dir), "--stream"]) == 2
     err = capsys.readouterr().err.strip()
     assert "corrupt.mp4" in err and len(err.splitlines()) == 1 and "Traceback" not in err
-
-
-def test_tempo_bad_arguments_exit_2(cache, model_dir, videos):
-    result = tempo("ask", str(videos[0]), "q", "--model", str(model_dir), "--budget", "0", cache=cache)
-    assert result.returncode == 2 and "--budget" in result.stderr
 
 
 def test_compile_flag_compiles_the_compressor(tmp_path, monkeypatch, capsys):

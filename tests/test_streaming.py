@@ -49,10 +49,16 @@ def assert_same_as_plain(streamed, inputs, compressed):
     torch.testing.assert_close(streamed.compressed.relevance_scores, compressed.relevance_scores, rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def plain_clip(tiny_model, processor, clip):
+    """The plain path's inputs and compression of `clip` (the same for every streaming setting)."""
+    return plain(tiny_model, processor, str(clip))
+
+
 @pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("chunk", [1, 2, 32])
-def test_streamed_compression_equals_the_plain_path(tiny_model, processor, clip, workers, chunk):
-    inputs, compressed = plain(tiny_model, processor, str(clip))
+def test_streamed_compression_equals_the_plain_path(tiny_model, processor, clip, plain_clip, workers, chunk):
+    inputs, compressed = plain_clip
     streamed = streaming.compress_streaming(
         tiny_model, processor, str(clip), QUESTION, compressor_batch_size=chunk, num_workers=workers
     )
@@ -236,7 +242,7 @@ def test_pending_video_gives_the_decoded_videos_prompts_and_grids(processor, num
         assert set(pending) == set(decoded) - {"pixel_values_videos"}
         for key in pending:
             assert torch.equal(pending[key], decoded[key]), key
-    else:  # TEMPO_REFERENCE: 1280x720 -> 512x288 -> 512x256, patches of 16; 128 segments of 8 frames
+    else:  # docs/released-model.md, "Video in": 1280x720 -> 512x288 -> 512x256, patches of 16; 128 segments of 8 frames
         assert grid.shape == (128, 3) and grid.unique(dim=0).tolist() == [[4, 16, 32]]
 
 

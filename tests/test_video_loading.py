@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 
 import av
 import numpy as np
@@ -199,11 +200,23 @@ def test_mpegts_seeking_lands_late_and_is_corrected(tmp_path):
     assert not any("could not be decoded" in w for w in video.warnings)
 
 
-def test_missing_frame_count_is_counted_and_reported(tmp_path):
+def test_missing_frame_count_is_counted_and_logged_at_debug_level(tmp_path, caplog):
+    # Matroska/WebM never store a frame count: counting the packets is normal, not worth a warning.
     path = write_test_video(tmp_path / "clip.mkv", num_frames=30, fps=10, width=96, height=64)
-    video = load_video(path)
+    with caplog.at_level(logging.DEBUG, logger="transformers_tempo.video_loading"):
+        video = load_video(path)
     assert video.total_frames == 30
-    assert any("frame count" in w for w in video.warnings)
+    assert not any("frame count" in w for w in video.warnings)
+    debug = [r for r in caplog.records if "frame count" in r.getMessage()]
+    assert debug and all(r.levelno == logging.DEBUG for r in debug)
+
+
+@pytest.mark.parametrize("options", [{"max_frames": 0}, {"max_frames": -3}, {"fps": 0}, {"fps": float("nan")}])
+def test_bad_sampling_options_are_refused_by_name(tmp_path, options):
+    path = write_test_video(tmp_path / "clip.mp4", num_frames=10, fps=10, width=64, height=64)
+    name = next(iter(options))
+    with pytest.raises(ValueError, match=f"^{name} must be a positive"):
+        load_video(path, **options)
 
 
 def test_truncated_file_decodes_what_is_there(tmp_path):

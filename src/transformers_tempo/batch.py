@@ -29,7 +29,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import UsageError, add_answer_options, ensure_demo_assets, load_pipeline, parse_device_map
+from .cli import (
+    DTYPES,
+    Status,
+    UsageError,
+    add_answer_options,
+    check_device,
+    check_model,
+    check_numbers,
+    ensure_demo_assets,
+    load_pipeline,
+    parse_device_map,
+)
 
 REQUIRED_KEYS = ("id", "video", "question")
 # Per-item keys that override the command line for that item, and the pipeline option each sets.
@@ -471,32 +482,41 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
         '"model.memory_tokens": 0, "model.relevance_head": 0, "model.projector": 1, "model.language_model": 1, '
         '"lm_head": 1}\'',
     )
-    p.add_argument("--dtype", default=None, help="auto, bfloat16, float16 or float32")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="the weights' dtype (default: auto, as saved)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
-def _check_numbers(args) -> None:
-    for name in ("batch_size", "budget", "max_frames", "max_new_tokens"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    if args.fps is not None and not args.fps > 0:
-        raise UsageError(f"--fps must be positive, got {args.fps}")
+def _check_output(output: Path, input_path: str) -> None:
+    """The output file can be written (its folder is made if missing) and is not the input."""
+    if output.resolve() == Path(input_path).resolve():
+        raise UsageError("--output must not be the input file")
+    if output.is_dir():
+        raise UsageError(f"--output {output}: is a folder, expected a file name")
+    folder = output.parent
+    while not folder.exists():  # the nearest existing folder must take the new ones
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise UsageError(f"--output {output}: cannot write in {str(folder)!r}")
+    if output.exists() and not os.access(output, os.W_OK):
+        raise UsageError(f"--output {output}: not writable (permission denied)")
 
 
 def run_batch(args) -> int:
     """`tempo batch`: check the command line, set up accelerate, run, print the summary."""
-    import torch
-    from accelerate import PartialState
-
-    _check_numbers(args)
+    check_numbers(args)
     items = read_items(args.input)
     output = Path(args.output)
-    if output.resolve() == Path(args.input).resolve():
-        raise UsageError("--output must not be the input file")
+    _check_output(output, args.input)
     device_map = parse_device_map(args.device_map)
     if device_map is not None and args.device:
         raise UsageError("give --device or --device-map, not both")
+    model = check_model(args.model) if args.model is not None else None
+
+    with Status("loading torch and accelerate"):
+        import torch
+        from accelerate import PartialState
+
+        check_device(args.device, device_map)
     # Several CPU processes need accelerate's CPU mode (gloo); on a GPU machine each process takes its GPU.
     cpu = (args.device or "").startswith("cpu") or not torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -510,7 +530,6 @@ def run_batch(args) -> int:
         raise UsageError(
             "under accelerate launch each process uses its own device: leave out --device and --device-map"
         )
-    model = args.model
     if model is None:
         with state.main_process_first():  # one process builds the demo model, the others wait for it
             model = str(ensure_demo_assets(quiet=True)[0])

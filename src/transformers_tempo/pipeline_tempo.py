@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import BatchFeature, Pipeline
 
+from .generation_tempo import resolve_ata_options
 from .modeling_tempo import VisionFeatures
 from .processing_tempo import PendingVideo
 from .streaming import compress_streaming
@@ -254,6 +255,7 @@ class VideoQuestionAnsweringPipeline(Pipeline):
             generate_kwargs = config.update(**generate_kwargs)  # returns what is not a generation option
             generate_kwargs["generation_config"] = config
         compressed = model_inputs.get("compressed")  # already done while decoding (preprocess_streaming)
+        ata = resolve_ata_options(self.model, **{name: ata_options.get(name) for name in ATA_OPTION_NAMES})
         t0 = _sync(self.device)
         with torch.inference_mode():
             prepared = self.model.prepare_generation_inputs(
@@ -264,7 +266,7 @@ class VideoQuestionAnsweringPipeline(Pipeline):
         t2 = _sync(self.device)
         times.compress += t1 - t0 + vision_time
         times.answer = t2 - t1
-        return {"output": output, "prepared": prepared, **model_keys, "videos": model_inputs["videos"], "times": times}
+        return {"output": output, "prepared": prepared, **model_keys, "videos": model_inputs["videos"], "times": times, "ata": ata}
 
     def _video_features(self, inputs, model_inputs) -> VisionFeatures:
         """The vision tower's output for every video row of `inputs`: once per distinct video of the
@@ -314,6 +316,9 @@ class VideoQuestionAnsweringPipeline(Pipeline):
                     )
                 )
                 result["warnings"] = list(video.warnings)
+                note = budget_note(model_outputs.get("ata"), result["segments"], result["visual_tokens"])
+                if note:
+                    result["warnings"].append(note)
             result["timings"] = model_outputs["times"].as_dict()
             results.append(result)
         return results
@@ -329,6 +334,30 @@ def _layout_only(video):
 
 def _none_if_all_none(videos):
     return videos if any(v is not None for v in videos) else None
+
+
+def budget_note(ata: dict | None, segments: int, kept: int) -> str | None:
+    """The warning for a visual token budget too small for the video's segments, or None.
+
+    ATA gives every segment at least `min_tokens_per_segment` tokens; when the budget cannot pay for
+    that, the minimum is lowered to budget // segments, and to one token when the budget is below
+    the number of segments, so that every segment is still seen: then more tokens than the budget
+    are kept (one per segment).
+    """
+    if not ata or not ata["use_ata"] or not segments:
+        return None
+    budget, minimum = ata["visual_token_budget"], ata["min_tokens_per_segment"]
+    if segments * minimum <= budget:
+        return None
+    if kept > budget:
+        return (
+            f"visual token budget {budget} is below the video's {segments} segments: every segment keeps at "
+            f"least one token, so {kept} visual tokens were used, more than the budget"
+        )
+    return (
+        f"visual token budget {budget} is below {segments} segments x {minimum} tokens: "
+        f"the minimum per segment was lowered to {max(1, budget // segments)}"
+    )
 
 
 def _is_frame_list(video) -> bool:

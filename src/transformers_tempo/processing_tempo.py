@@ -1,8 +1,8 @@
 """TempoProcessor: every piece of text Tempo reads, built the way the released code builds it.
 
 For each sample (a question, optionally one video or one image, optionally answers) the
-processor makes two kinds of token sequences (TEMPO_REFERENCE.md, "Compressor prompt" and
-"Global decoder input"):
+processor makes two kinds of token sequences (docs/released-model.md, "Compressor prompt" and
+"Decoder prompt"):
 
 * the decoder prompt, one row per sample, ChatML::
 

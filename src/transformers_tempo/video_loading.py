@@ -1,6 +1,6 @@
 """Video in: open a video with PyAV, sample it at 2 fps the way Tempo does, decode only those frames.
 
-The sampling rule is the released one (TEMPO_REFERENCE.md, "Video in", step 1; `infer.py`'s
+The sampling rule is the released one (docs/released-model.md, "Video in", step 1; `infer.py`'s
 `compute_sample_indices`): with `total` frames at `source_fps`,
 
     duration = total / source_fps
@@ -323,6 +323,10 @@ def load_video(
         raise ValueError(f"num_workers must be a positive integer or None, got {num_workers!r}")
     if resize_backend not in ("torch", "pil"):
         raise ValueError(f"resize_backend must be 'torch' or 'pil', got {resize_backend!r}")
+    if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1:
+        raise ValueError(f"max_frames must be a positive integer, got {max_frames!r}")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
     if isinstance(video, (np.ndarray, torch.Tensor, list, tuple)):
         if clip is not None:
             raise ValueError("clip= selects part of a video file; for frames given directly, pass the frames of the clip")
@@ -375,7 +379,7 @@ def _load_frames(frames: Any, video_metadata: Any, max_longer_edge: int | None, 
         indices = list(range(frames.shape[0]))
     if max_longer_edge is not None:
         frames = _limit_longer_edge(frames, max_longer_edge, resize_backend)
-    _log_notes(notes)
+    notes = _log_notes(notes)
     count = int(frames.shape[0])
     return LoadedVideo(
         frames=frames,
@@ -652,7 +656,7 @@ def _load_container(
         "workers": len(parts),
     }
 
-    _log_notes(notes)
+    notes = _log_notes(notes)
     return LoadedVideo(
         frames=frames,
         real_fps=real_fps,
@@ -1042,12 +1046,17 @@ def _stream_rotation(stream) -> float:
 _BENIGN_NOTE = "does not store a frame count"  # normal for Matroska/WebM/MPEG-TS
 
 
-def _log_notes(notes: list[str]) -> None:
+def _log_notes(notes: list[str]) -> list[str]:
+    """Log the notes of one video; returns its warnings: the notes that are not normal for the format
+    (those are logged at debug level only)."""
+    kept = []
     for note in notes:
         if _BENIGN_NOTE in note:
-            logger.info(note)
+            logger.debug(note)
         else:
             logger.warning(note)
+            kept.append(note)
+    return kept
 
 
 

@@ -1,6 +1,6 @@
 """Frames -> Qwen3-VL patches, the way the released Tempo prepares them (torch only, CPU or CUDA).
 
-The released code (TEMPO_REFERENCE.md, "Video in", steps 2-5) sends every 8-frame segment
+The released code (docs/released-model.md, "Video in", steps 2-5) sends every 8-frame segment
 through qwen-vl-utils 0.0.14 and transformers' Qwen3-VL video processor. For one video that
 is the chain below, applied here to the whole clip at once (all segments share a frame size):
 

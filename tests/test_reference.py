@@ -114,3 +114,32 @@ def test_reference_precision_is_idempotent(saved_model):
 def test_reference_precision_needs_a_bfloat16_model(tokenizer):
     with pytest.raises(ValueError, match="bfloat16"):
         apply_reference_precision(build_tiny_model(tokenizer))
+
+
+def test_tempo_ask_reference_loads_the_released_settings(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import json
+
+    import torch
+
+    from transformers_tempo import cli
+    from transformers_tempo.synthetic import write_test_video
+
+    video = write_test_video(tmp_path / "clip.mp4", num_frames=60, fps=10, width=64, height=48)
+    loaded = []
+    original = cli.load_pipeline
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: loaded.append(original(*a, **k)) or loaded[-1])
+    assert cli.main(["ask", str(video), "What happens?", "--model", str(tiny_model_dir), "--reference", "--json",
+                     "--max-new-tokens", "2"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    (vqa,) = loaded
+    model = vqa.model
+    assert model.dtype == torch.bfloat16 and model.model.relevance_head.weight.dtype == torch.float32
+    assert vqa.processor.video_processor.resize_backend == "pil"
+    assert model.config.max_context_length == 32768
+    assert model.generation_config.min_tokens_per_segment == 4 and model.generation_config.token_selection == "head"
+    # every weight was rounded through float16: rounding again changes nothing
+    weight = model.lm_head.weight
+    assert torch.equal(weight, weight.to(torch.float16).to(torch.bfloat16))
+    inv_freq = model.model.language_model.rotary_emb.inv_freq
+    assert torch.equal(inv_freq, inv_freq.to(torch.float16).to(torch.bfloat16).to(inv_freq.dtype))
+    assert result["sampled_frames"] == 12 and result["visual_tokens"] <= 8192

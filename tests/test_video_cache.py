@@ -1,5 +1,6 @@
 """Decode once, encode once, answer many: the video cache and its users."""
 
+import json
 import os
 
 import pytest
@@ -146,17 +147,12 @@ def test_features_key_changes_when_the_weights_change(tokenizer):
 
 # ------------------------------------------------------------------ many questions, one video
 @pytest.fixture(scope="module")
-def vqa(tokenizer, tmp_path_factory):
+def vqa(tiny_model_dir):
     from transformers import pipeline
 
     import transformers_tempo  # noqa: F401  (registers the task)
-    from transformers_tempo import TempoProcessor, TempoVideoProcessor
-    from transformers_tempo.testing_utils import build_tiny_model
 
-    path = tmp_path_factory.mktemp("tiny-tempo")
-    build_tiny_model(tokenizer).save_pretrained(path)
-    TempoProcessor(video_processor=TempoVideoProcessor(), tokenizer=tokenizer).save_pretrained(path)
-    return pipeline("video-question-answering", model=str(path), device="cpu")
+    return pipeline("video-question-answering", model=str(tiny_model_dir), device="cpu")
 
 
 @pytest.fixture
@@ -219,3 +215,26 @@ def test_bench_questions_tiny_decodes_each_file_once(tmp_path):
     # the cache's counters run over the process: the warm-up and cache-off runs missed, the 4 later questions hit
     assert on["cache"]["features"]["hits"] >= 4
     assert "| cache on, one question at a time | 6 |" in result.with_suffix(".md").read_text()
+
+
+def test_tempo_ask_several_questions_decodes_and_encodes_once(tiny_model_dir, vqa, clip, count_decodes, monkeypatch, capsys):
+    from transformers_tempo import cli
+    from transformers_tempo.modeling_tempo import TempoForConditionalGeneration
+
+    encodes = []
+    original = TempoForConditionalGeneration.encode_video_features
+    monkeypatch.setattr(
+        TempoForConditionalGeneration, "encode_video_features",
+        lambda self, *a, **k: encodes.append(1) or original(self, *a, **k),
+    )
+    args = ["ask", str(clip), QUESTIONS[0], "-q", QUESTIONS[1], "-q", QUESTIONS[2], "--model", str(tiny_model_dir),
+            "--json", "--max-new-tokens", "3", "--budget", "20"]  # fmt: skip
+    assert cli.main(args) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["question"] for line in lines] == QUESTIONS  # one JSON object per question, in order
+    assert len(count_decodes) == 1 and len(encodes) == 1
+    assert lines[0]["timings"]["decode"] > 0 and lines[1]["timings"]["decode"] == 0.0
+    configure_video_cache(enabled=False)
+    for line, question in zip(lines, QUESTIONS):  # the same answers as one question at a time, uncached
+        alone = vqa(video=str(clip), question=question, max_new_tokens=3, visual_token_budget=20)
+        assert line["answer"] == alone["answer"] and line["visual_tokens"] == alone["visual_tokens"]

@@ -31,12 +31,14 @@ from pathlib import Path
 
 from .cli import (
     DTYPES,
+    REFERENCE_HELP,
     Status,
     UsageError,
     add_answer_options,
     check_device,
     check_model,
     check_numbers,
+    check_reference,
     ensure_demo_assets,
     load_pipeline,
     parse_device_map,
@@ -295,7 +297,10 @@ def answer_items(vqa, items: list[dict], writer: LineWriter, settings: BatchSett
         except ValueError as err:
             fail(item, f"{item['video']}: {err}")
 
-    longer_edge = getattr(getattr(vqa.processor, "video_processor", None), "longest_edge", None)
+    video_processor = getattr(vqa.processor, "video_processor", None)
+    longer_edge = getattr(video_processor, "longest_edge", None)
+    # shrink while decoding with the processor's own kernel, so that the exact (PIL) mode stays exact
+    resize_backend = getattr(video_processor, "resize_backend", "torch")
     pin = str(getattr(vqa, "device", "cpu")).startswith("cuda")  # page-locked frames upload fast
 
     def decode(batch):
@@ -306,7 +311,8 @@ def answer_items(vqa, items: list[dict], writer: LineWriter, settings: BatchSett
             t0 = time.perf_counter()
             try:
                 video = load_video(
-                    settings.base_dir / item["video"], max_longer_edge=longer_edge, pin_memory=pin, **load_options
+                    settings.base_dir / item["video"], max_longer_edge=longer_edge, resize_backend=resize_backend,
+                    pin_memory=pin, **load_options,
                 )
             except ValueError as err:  # VideoLoadError: the message names the file and the problem
                 failed.append((item, str(err)))
@@ -473,6 +479,7 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="path or Hub id of converted Tempo weights (default: tiny demo model)")
     p.add_argument("--batch-size", type=int, default=1, help="videos per model call (default 1)")
     p.add_argument("--retry-errors", action="store_true", help="answer again the items whose line is an error")
+    p.add_argument("--reference", action="store_true", help=REFERENCE_HELP)
     add_answer_options(p)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (one process; accelerate picks it otherwise)")
     p.add_argument(
@@ -504,6 +511,7 @@ def _check_output(output: Path, input_path: str) -> None:
 def run_batch(args) -> int:
     """`tempo batch`: check the command line, set up accelerate, run, print the summary."""
     check_numbers(args)
+    check_reference(args)
     items = read_items(args.input)
     output = Path(args.output)
     _check_output(output, args.input)
@@ -558,7 +566,11 @@ def run_batch(args) -> int:
     )
     progress = sys.stderr.isatty() and not args.json
     summary = run(
-        items, output, lambda: load_pipeline(model, None, args.dtype, device_map, compile_compressor=args.compile), settings, state, progress
+        items, output,
+        lambda: load_pipeline(
+            model, None, args.dtype, device_map, compile_compressor=args.compile, reference=args.reference
+        ),
+        settings, state, progress,
     )
     if summary is not None:
         summary["model"] = model

@@ -143,6 +143,46 @@ def check_numbers(args) -> None:
         raise UsageError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
 
 
+REFERENCE_HELP = (
+    "reproduce the released model's outputs (for benchmark numbers): bfloat16 weights rounded as the "
+    "released scripts round them, PIL resizing, 2 fps and 8-1024 frames, ATA at budget 8192 (or --budget), "
+    "greedy decoding, a 32768-token context; slower (no compilation, PIL)"
+)
+
+
+def check_reference(args) -> None:
+    """--reference: refuse the options that would change the released function; fill in its settings."""
+    if not getattr(args, "reference", False):
+        return
+    refused = {
+        "--no-ata": args.no_ata,
+        "--temperature": args.temperature,
+        "--min-new-tokens": args.min_new_tokens,
+        "--compile": args.compile,
+        "--fps other than 2": args.fps not in (None, 2.0),
+        "--max-frames other than 1024": args.max_frames not in (None, 1024),
+        "--dtype other than bfloat16": args.dtype not in (None, "bfloat16"),
+    }
+    given = [name for name, value in refused.items() if value]
+    if given:
+        raise UsageError(f"--reference computes the released function: leave out {', '.join(given)}")
+    args.dtype, args.fps, args.max_frames = "bfloat16", 2.0, 1024
+    if args.budget is None:
+        args.budget = 8192
+
+
+def apply_reference(vqa) -> None:
+    """The model and processor settings of `reference_settings()` (see --reference)."""
+    from .reference import apply_reference_precision, reference_settings
+
+    settings = reference_settings()
+    apply_reference_precision(vqa.model)
+    vqa.model.config.max_context_length = settings["max_context_length"]
+    vqa.processor.video_processor.resize_backend = settings["processor"]["resize_backend"]
+    for name in ("min_tokens_per_segment", "use_ata", "token_selection"):
+        setattr(vqa.model.generation_config, name, settings["allocation"][name])
+
+
 def check_video(path: str) -> Path:
     video = Path(path).expanduser()
     if not video.exists():
@@ -303,7 +343,9 @@ def configure_logging(debug: bool) -> None:
         logging.getLogger(f"transformers_tempo.{name}").setLevel(logging.ERROR)
 
 
-def load_pipeline(model: str, device: str | None, dtype: str | None, device_map=None, compile_compressor=False):
+def load_pipeline(
+    model: str, device: str | None, dtype: str | None, device_map=None, compile_compressor=False, reference=False
+):
     """The video-question-answering pipeline for `model` (with a status line while it loads)."""
     with Status(f"loading {model}"):
         import torch
@@ -334,11 +376,19 @@ def load_pipeline(model: str, device: str | None, dtype: str | None, device_map=
             raise UsageError(f"--model {model}: cannot load a Tempo model from there ({first})") from err
         if compile_compressor:
             vqa.model.enable_compiled_inference()
+        if reference:
+            apply_reference(vqa)
     return vqa
 
 
 def cmd_ask(args) -> int:
     check_numbers(args)
+    check_reference(args)
+    questions = ([args.question] if args.question is not None else []) + (args.more_questions or [])
+    if not questions:
+        raise UsageError("give a question (after the video, or with -q)")
+    if args.stream and len(questions) > 1:
+        raise UsageError("--stream answers one question; leave it out to ask several (the video is decoded once)")
     device_map = parse_device_map(args.device_map)
     if device_map is not None and args.device:
         raise UsageError("give --device or --device-map, not both")
@@ -358,7 +408,7 @@ def cmd_ask(args) -> int:
     if args.stream:
         # The model first, then decoding and compression together (a bad video is found after the load).
         demo_notice(args)
-        vqa = load_pipeline(model, args.device, args.dtype, device_map, compile_compressor=args.compile)
+        vqa = load_pipeline(model, args.device, args.dtype, device_map, args.compile, args.reference)
         loaded, decode_s = str(video), None
         call = {"stream": True, **load_options}
     else:
@@ -370,7 +420,7 @@ def cmd_ask(args) -> int:
             raise UsageError(str(err)) from err
         decode_s = time.perf_counter() - t0
         demo_notice(args)
-        vqa = load_pipeline(model, args.device, args.dtype, device_map, compile_compressor=args.compile)
+        vqa = load_pipeline(model, args.device, args.dtype, device_map, args.compile, args.reference)
         call = {}
     call.update(max_new_tokens=args.max_new_tokens, progress=show_progress)
     if args.min_new_tokens:
@@ -386,7 +436,8 @@ def cmd_ask(args) -> int:
         call["use_ata"] = False
     try:
         with Status("answering", enabled=sys.stderr.isatty() and not show_progress):
-            result = vqa(video=loaded, question=args.question, **call)
+            # several questions: one decode (above) and one vision-tower pass, answered in order
+            results = vqa(video=loaded, question=questions if len(questions) > 1 else questions[0], **call)
     except ValueError as err:  # streaming reads the video inside the call
         cause = err
         while cause is not None and not isinstance(cause, VideoLoadError):
@@ -394,18 +445,23 @@ def cmd_ask(args) -> int:
         if cause is None:
             raise
         raise UsageError(str(cause)) from err
-    if decode_s is not None:
-        result["timings"]["decode"] = decode_s
-    if demo and args.json:  # (on a terminal the notice above and the answer line say it)
-        result.setdefault("warnings", []).append(DEMO_WARNING)
-    result = {"video": str(video), "question": args.question, "model": model, **result}
+    results = results if isinstance(results, list) else [results]
+    for i, (question, result) in enumerate(zip(questions, results)):
+        if decode_s is not None:
+            result["timings"]["decode"] = decode_s if i == 0 else 0.0  # decoded once, for the first
+        if demo and args.json:  # (on a terminal the notice above and the answer line say it)
+            result.setdefault("warnings", []).append(DEMO_WARNING)
+        results[i] = {"video": str(video), "question": question, "model": model, **result}
     if args.plot:
-        plot_allocation(result, args.plot)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
+        plot_allocation(results[0], args.plot)
+    if args.json:  # one object; several questions: one object per line, in order
+        print(json.dumps(results[0], indent=2) if len(results) == 1 else "\n".join(map(json.dumps, results)))
+        return 0
+    for result in results:
+        if len(results) > 1:
+            print(f"Q: {result['question']}")
         print(answer_text(result["answer"], demo))
-        print(summary_text(result), file=sys.stderr if args.quiet_summary else sys.stdout)
+    print(summary_text(results[-1]), file=sys.stderr if args.quiet_summary else sys.stdout)
     return 0
 
 
@@ -556,7 +612,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     ask = sub.add_parser("ask", help="answer a question about a video", description="Answer a question about a video.")
     ask.add_argument("video", help="video file (mp4, mkv, webm, mov, ...; any format PyAV reads)")
-    ask.add_argument("question", help="the question, in quotes")
+    ask.add_argument("question", nargs="?", default=None, help="the question, in quotes")
+    ask.add_argument(
+        "-q", "--question", dest="more_questions", action="append", metavar="QUESTION",
+        help="another question about the same video (repeatable): the video is decoded and encoded once",
+    )
+    ask.add_argument("--reference", action="store_true", help=REFERENCE_HELP)
     ask.add_argument("--model", default=None, help="folder or Hub id of converted Tempo weights (default: the tiny random demo model)")
     add_ask_options(ask)
     add_debug_option(ask)

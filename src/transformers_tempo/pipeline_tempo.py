@@ -131,17 +131,20 @@ class VideoQuestionAnsweringPipeline(Pipeline):
         preprocess_params, forward_params, _ = self._sanitize_parameters(**kwargs)
         batch_size = batch_size or self._batch_size or 1
         results = []
+        features_memo = {}  # vision features of this call's videos, shared by their questions
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             if self._streams(chunk, stream):
                 model_inputs = self.preprocess_streaming(chunk[0], offset=start, **preprocess_params)
             else:
-                model_inputs = self.preprocess(chunk, offset=start, **preprocess_params)
+                model_inputs = self.preprocess(chunk, offset=start, features_memo=features_memo, **preprocess_params)
             outputs = self._forward(model_inputs, **forward_params)
             results.extend(self.postprocess(outputs))
         return results[0] if single else results
 
-    def preprocess(self, items, offset: int = 0, video_metadata=None, progress: bool = False, **load_options):
+    def preprocess(
+        self, items, offset: int = 0, video_metadata=None, progress: bool = False, features_memo=None, **load_options
+    ):
         times = StageTimes()
         t0 = time.perf_counter()
         cache = default_video_cache()
@@ -169,7 +172,9 @@ class VideoQuestionAnsweringPipeline(Pipeline):
         # memory; compress() uploads them a chunk at a time, so GPU memory does not grow with length.
         pixel_options = {"device": self.device, "pixel_device": "cpu", "pixel_dtype": self.model.dtype} if on_gpu else {}
         processing = self._processing_key(pixel_options.get("pixel_dtype") or torch.float32)
-        cached = self._cached_features(frame_keys, processing)
+        features_memo = {} if features_memo is None else features_memo
+        cached = {key: features_memo[key] for key in frame_keys if key in features_memo}
+        cached.update(self._cached_features(frame_keys, processing))
         # Every video's vision features are cached: the compressor needs no pixels, only the layout.
         without_pixels = bool(cached) and all(k in cached for k, v in zip(frame_keys, videos) if v is not None)
         inputs = self.processor(
@@ -185,6 +190,7 @@ class VideoQuestionAnsweringPipeline(Pipeline):
         return {
             "inputs": inputs, "videos": videos, "times": times,
             "frame_keys": frame_keys, "processing": processing, "cached_features": cached,
+            "features_memo": features_memo,
         }
 
     def _processing_key(self, pixel_dtype) -> dict:
@@ -279,7 +285,9 @@ class VideoQuestionAnsweringPipeline(Pipeline):
         counts = (inputs["input_ids"] == self.model.config.video_token_id).sum(dim=1).tolist()
         grid, pixels = inputs["video_grid_thw"], inputs.get("pixel_values_videos")
         offsets = [0] + grid.prod(-1).cumsum(0).tolist()
-        features, done, row = VisionFeatures(), dict(model_inputs["cached_features"]), 0
+        done = model_inputs.get("features_memo", {})
+        done.update(model_inputs["cached_features"])
+        features, row = VisionFeatures(), 0
         for count, frame_key in zip(counts, model_inputs["frame_keys"]):
             if not count:
                 continue

@@ -173,6 +173,7 @@ class TempoDataCollator:
             "min_frames": vp.min_frames,
             "max_frames": vp.max_frames,
             "max_longer_edge": vp.longest_edge,
+            "resize_backend": vp.resize_backend,  # the processor's kernel: the exact mode stays exact
             **(video_kwargs or {}),
         }
 

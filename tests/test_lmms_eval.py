@@ -159,6 +159,16 @@ def test_unknown_or_bad_model_args_name_the_arg(model_dir):
         adapter.Tempo(pretrained=str(model_dir), dtype="float32", reference=True)
 
 
+def test_reference_loads_the_released_settings(model_dir):
+    model = adapter.Tempo(pretrained=str(model_dir), dtype="bfloat16", reference=True)
+    weight = model.model.lm_head.weight
+    assert weight.dtype == torch.bfloat16 and torch.equal(weight, weight.to(torch.float16).to(torch.bfloat16))
+    assert model.processor.video_processor.resize_backend == "pil"
+    assert model.model.config.max_context_length == 32768
+    with pytest.raises(ValueError, match="reference=true computes the released .eager. function"):
+        adapter.Tempo(pretrained=str(model_dir), dtype="bfloat16", reference=True, compile=True)
+
+
 def test_released_argument_names_set_the_sampling(model_dir):
     model = adapter.Tempo(pretrained=str(model_dir), dtype="float32", video_fps=1, min_frames_num=4, max_frames_num=64)
     assert (model.fps, model.min_frames, model.max_frames) == (1.0, 4, 64)

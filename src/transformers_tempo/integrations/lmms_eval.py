@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoProcessor
 
 from transformers_tempo import load_video
+from transformers_tempo.reference import apply_reference_precision, reference_settings
 
 # The released evaluation settings (TEMPO: greedy, 16 new tokens, 2 fps, 8..1024 frames, budget 8K).
 RELEASED_SETTINGS = {
@@ -226,13 +227,13 @@ class Tempo(lmms):
         self._model = AutoModel.from_pretrained(pretrained, **load).eval()
         self.processor = AutoProcessor.from_pretrained(pretrained)
         self._device = self._model.device
-        if reference:
-            self._model.apply_released_rotary_rounding()
-            video_processor = self.processor.video_processor
-            if hasattr(video_processor, "resize_backend"):
-                video_processor.resize_backend = "pil"
-            else:
-                eval_logger.warning("tempo: this version has no exact (PIL) resize mode; pixels follow the torch resize")
+        if reference:  # everything of `reference_settings()` that the model and processor hold
+            if _flag(compile, "compile"):
+                raise ValueError("model arg reference=true computes the released (eager) function: leave out compile")
+            settings = reference_settings()
+            apply_reference_precision(self._model)
+            self._model.config.max_context_length = settings["max_context_length"]
+            self.processor.video_processor.resize_backend = settings["processor"]["resize_backend"]
         if _flag(compile, "compile"):
             self._model.enable_compiled_inference()
         if self._world_size > 1 and self.accelerator.is_local_main_process:
@@ -341,6 +342,7 @@ class Tempo(lmms):
             max_frames=self.max_frames,
             clip=visual.clip,
             max_longer_edge=getattr(video_processor, "longest_edge", None),  # 1024 4K frames need not be held
+            resize_backend=video_processor.resize_backend,  # the processor's kernel: exact mode stays exact
             pin_memory=self.device.type == "cuda",
             **options,
         )

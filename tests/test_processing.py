@@ -388,10 +388,14 @@ def test_rows_follow_placeholder_order_across_the_batch(processor, tokenizer, fr
     assert kinds == [k for k, _ in queries]
 
 
-def test_ata_options_pass_through(processor, frames):
-    out = processor(text=QUESTION, videos=frames[:8], video_metadata=FPS2, visual_token_budget=4096, use_ata=False)
-    assert out["visual_token_budget"] == 4096 and out["use_ata"] is False
-    assert "min_tokens_per_segment" not in out
+def test_allocation_options_belong_to_the_model_not_the_processor(processor, frames):
+    # transformers processors carry no generation options: the processor says where they go
+    with pytest.raises(TypeError, match=r"allocation options \(use_ata, visual_token_budget\) belong to the model: pass them to model.generate"):
+        processor(text=QUESTION, videos=frames[:8], video_metadata=FPS2, visual_token_budget=4096, use_ata=False)
+    with pytest.raises(TypeError, match=r"apply_chat_template: allocation options \(token_selection\)"):
+        processor.apply_chat_template([{"role": "user", "content": "q"}], token_selection="tail")
+    out = processor(text=QUESTION, videos=frames[:8], video_metadata=FPS2)
+    assert not set(out) & {"visual_token_budget", "min_tokens_per_segment", "use_ata", "token_selection"}
 
 
 def test_loaded_video_and_file_inputs(processor, tmp_path):

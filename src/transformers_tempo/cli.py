@@ -384,7 +384,7 @@ def load_pipeline(
 def cmd_ask(args) -> int:
     check_numbers(args)
     check_reference(args)
-    questions = ([args.question] if args.question is not None else []) + (args.more_questions or [])
+    questions = ([args.question] if args.question is not None else []) + (getattr(args, "more_questions", None) or [])
     if not questions:
         raise UsageError("give a question (after the video, or with -q)")
     if args.stream and len(questions) > 1:
@@ -408,7 +408,7 @@ def cmd_ask(args) -> int:
     if args.stream:
         # The model first, then decoding and compression together (a bad video is found after the load).
         demo_notice(args)
-        vqa = load_pipeline(model, args.device, args.dtype, device_map, args.compile, args.reference)
+        vqa = load_pipeline(model, args.device, args.dtype, device_map, args.compile, getattr(args, "reference", False))
         loaded, decode_s = str(video), None
         call = {"stream": True, **load_options}
     else:
@@ -420,7 +420,7 @@ def cmd_ask(args) -> int:
             raise UsageError(str(err)) from err
         decode_s = time.perf_counter() - t0
         demo_notice(args)
-        vqa = load_pipeline(model, args.device, args.dtype, device_map, args.compile, args.reference)
+        vqa = load_pipeline(model, args.device, args.dtype, device_map, args.compile, getattr(args, "reference", False))
         call = {}
     call.update(max_new_tokens=args.max_new_tokens, progress=show_progress)
     if args.min_new_tokens:

@@ -249,10 +249,7 @@ class VideoQuestionAnsweringPipeline(Pipeline):
             with torch.inference_mode():
                 video_features = self._video_features(inputs, model_inputs)
         vision_time = _sync(self.device) - t0
-        model_keys = {k: v for k, v in inputs.items() if k not in ATA_OPTION_NAMES}
-        for name in ATA_OPTION_NAMES:
-            if name not in ata_options and name in inputs:
-                ata_options[name] = inputs[name]
+        model_keys = dict(inputs)
         generate_kwargs = {**(generate_kwargs or {}), "return_dict_in_generate": True}
         if "generation_config" not in generate_kwargs and getattr(self, "generation_config", None) is not None:
             # One generation config holding the call's options: transformers deprecates passing a

@@ -223,7 +223,7 @@ class TempoProcessor(ProcessorMixin):
     or image, in the order of their placeholders in ``input_ids``), ``segment_times`` (start
     and end second of each row; NaN for images), ``pixel_values_videos``/``video_grid_thw``
     and ``pixel_values``/``image_grid_thw`` when present, ``labels`` when answers are given,
-    and the ATA options passed to the call.
+    (allocation options such as `visual_token_budget` go to `model.generate`, not here).
     """
 
     def __init__(
@@ -281,10 +281,6 @@ class TempoProcessor(ProcessorMixin):
         fps: float | None = None,
         min_frames: int | None = None,
         max_frames: int | None = None,
-        visual_token_budget: int | None = None,
-        min_tokens_per_segment: int | None = None,
-        use_ata: bool | None = None,
-        token_selection: str | None = None,
         label_scope: str = "answer",
         device: str | torch.device | None = None,
         pixel_dtype: torch.dtype | None = None,
@@ -307,8 +303,6 @@ class TempoProcessor(ProcessorMixin):
                 samples or one per sample).
             fps, min_frames, max_frames: sampling of video files (default: the video
                 processor's, 2 fps, 8..1024 frames).
-            visual_token_budget, min_tokens_per_segment, use_ata, token_selection: ATA options,
-                passed through to `model.generate(**inputs)` / `model(**inputs)`.
             label_scope: "answer" (default) supervises each answer, its `<|im_end|>` and the
                 newline after it; "reference" supervises what the released training code
                 (`preprocess_qwen`) does: whole assistant turns plus every `<|im_start|>`,
@@ -322,8 +316,7 @@ class TempoProcessor(ProcessorMixin):
             resize_backend: "torch" (fast) or "pil" (the released pixels bit for bit); default:
                 the video processor's `resize_backend`.
         """
-        if kwargs:
-            raise TypeError(f"TempoProcessor got unexpected keyword arguments: {sorted(kwargs)}")
+        _refuse_unknown(kwargs, "TempoProcessor")
         samples = self._samples_from_call(text, videos, images, answers, video_metadata)
         conversations = []
         for sample in samples:  # the released single-turn prompt, as chat messages
@@ -345,12 +338,6 @@ class TempoProcessor(ProcessorMixin):
             return_tensors=return_tensors,
             padding_side=padding_side,
             load_options={"fps": fps, "min_frames": min_frames, "max_frames": max_frames},
-            ata_options={
-                "visual_token_budget": visual_token_budget,
-                "min_tokens_per_segment": min_tokens_per_segment,
-                "use_ata": use_ata,
-                "token_selection": token_selection,
-            },
             device=device,
             pixel_options={"dtype": pixel_dtype, "output_device": pixel_device, "resize_backend": resize_backend},
         )
@@ -369,10 +356,6 @@ class TempoProcessor(ProcessorMixin):
         fps: float | None = None,
         min_frames: int | None = None,
         max_frames: int | None = None,
-        visual_token_budget: int | None = None,
-        min_tokens_per_segment: int | None = None,
-        use_ata: bool | None = None,
-        token_selection: str | None = None,
         device: str | torch.device | None = None,
         **kwargs,
     ):
@@ -389,8 +372,7 @@ class TempoProcessor(ProcessorMixin):
         the conversation ends with an assistant turn and `add_generation_prompt` is false;
         they cover every assistant turn (see `__call__` for `label_scope`).
         """
-        if kwargs:
-            raise TypeError(f"apply_chat_template got unexpected keyword arguments: {sorted(kwargs)}")
+        _refuse_unknown(kwargs, "apply_chat_template")
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
         conversations = [list(c) for c in conversation] if batched else [list(conversation)]
         template = chat_template or self.chat_template
@@ -412,12 +394,6 @@ class TempoProcessor(ProcessorMixin):
             return_tensors=return_tensors,
             padding_side=padding_side,
             load_options={"fps": fps, "min_frames": min_frames, "max_frames": max_frames},
-            ata_options={
-                "visual_token_budget": visual_token_budget,
-                "min_tokens_per_segment": min_tokens_per_segment,
-                "use_ata": use_ata,
-                "token_selection": token_selection,
-            },
             device=device,
             chat_template=template,
         )
@@ -528,7 +504,6 @@ class TempoProcessor(ProcessorMixin):
         return_tensors,
         padding_side,
         load_options,
-        ata_options,
         device,
         chat_template=None,
         pixel_options=None,
@@ -595,9 +570,6 @@ class TempoProcessor(ProcessorMixin):
                 else:
                     data[pixel_key] = _concat_rows(pixels)
                 data[grid_key] = torch.cat([v["grid"] for v in chosen], dim=0)
-        for name in ATA_OPTION_NAMES:
-            if ata_options.get(name) is not None:
-                data[name] = ata_options[name]
         return BatchFeature(data=data)
 
     def _prepare_visual(self, sample: dict, load_options: dict, device, pixel_options: dict) -> dict | None:
@@ -840,6 +812,19 @@ def _item_kind(item: Any) -> str:
     if "image_url" in item:
         return "image"
     raise ValueError(f"unknown content item {sorted(item)}: expected a 'video', 'image' or 'text' item")
+
+
+def _refuse_unknown(kwargs: dict, where: str) -> None:
+    """Unknown keyword arguments are an error; allocation options get told where they belong (a
+    processor turns inputs into tensors; generation options go to the model, as in transformers)."""
+    allocation = sorted(name for name in kwargs if name in ATA_OPTION_NAMES)
+    if allocation:
+        raise TypeError(
+            f"{where}: allocation options ({', '.join(allocation)}) belong to the model: pass them to "
+            "model.generate(...), model(...) or the pipeline call, not to the processor"
+        )
+    if kwargs:
+        raise TypeError(f"{where} got unexpected keyword arguments: {sorted(kwargs)}")
 
 
 def _visual_identity(sample: dict) -> tuple | None:

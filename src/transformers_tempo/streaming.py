@@ -263,7 +263,7 @@ def generate_streaming(
         model, processor, video, question, compressor_batch_size=compressor_batch_size, **(load_options or {})
     )
     ata = {name: generate_kwargs.pop(name) for name in ATA_OPTION_NAMES if name in generate_kwargs}
-    text = {k: v for k, v in streamed.inputs.items() if k not in ATA_OPTION_NAMES and k != "segment_times"}
+    text = {k: v for k, v in streamed.inputs.items() if k != "segment_times"}
     with torch.inference_mode():
         prepared = model.prepare_generation_inputs(**text, compressed=streamed.compressed, **ata)
         return model.generate(decoder_inputs=prepared, **generate_kwargs)

@@ -30,6 +30,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from .token_allocation import ATA_OPTION_NAMES
 from .video_loading import load_video
 
 __all__ = [
@@ -159,13 +160,15 @@ class TempoDataCollator:
             ``max_longer_edge``, ``num_threads``). Defaults: the video processor's sampling and
             ``max_longer_edge`` = its ``longest_edge`` (same pixels, less memory).
         **processor_kwargs: passed to `processor.apply_chat_template`, e.g. ``label_scope="reference"``
-            (the released training code's labels), or ``use_ata=False`` so that `Trainer.evaluate`
-            (eval mode, where ATA is on by default) sees every memory feature as training does.
+            (the released training code's labels). Allocation options (``use_ata=False``, so that
+            `Trainer.evaluate`, in eval mode where ATA is on by default, sees every memory feature as
+            training does) are model options: they go into each batch, for `forward()`.
     """
 
     def __init__(self, processor, padding_side: str = "right", video_kwargs: dict | None = None, **processor_kwargs):
         self.processor = processor
         self.padding_side = padding_side
+        self.model_options = {k: processor_kwargs.pop(k) for k in ATA_OPTION_NAMES if k in processor_kwargs}
         self.processor_kwargs = processor_kwargs
         vp = processor.video_processor
         self.video_kwargs = {
@@ -179,7 +182,7 @@ class TempoDataCollator:
 
     def __call__(self, examples: list[dict[str, Any]]):
         conversations = [self._conversation(example, i) for i, example in enumerate(examples)]
-        return self.processor.apply_chat_template(
+        batch = self.processor.apply_chat_template(
             conversations,
             add_generation_prompt=False,
             return_labels=True,
@@ -187,6 +190,8 @@ class TempoDataCollator:
             return_tensors="pt",
             **self.processor_kwargs,
         )
+        batch.update(self.model_options)
+        return batch
 
     def _conversation(self, example: dict[str, Any], index: int) -> list[dict]:
         if "messages" in example:

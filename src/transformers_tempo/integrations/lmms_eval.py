@@ -378,7 +378,6 @@ class Tempo(lmms):
         inputs = {
             k: v if k in PIXEL_KEYS or not isinstance(v, torch.Tensor) else v.to(self.device)
             for k, v in inputs.items()
-            if k not in ("visual_token_budget", "min_tokens_per_segment", "use_ata", "token_selection")
         }
         ata = {"visual_token_budget": self.visual_token_budget}
         if self.min_tokens_per_segment is not None:

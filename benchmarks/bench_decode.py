@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from transformers_tempo import video_loading
+from transformers_tempo import video_decoding
 from transformers_tempo.synthetic import decode_frame_index, write_test_video
 from transformers_tempo.video_loading import load_video
 
@@ -75,7 +75,7 @@ def main() -> None:
 
     path = Path(args.video) if args.video else cached_video(args)
     if args.forward_only:
-        video_loading.SEEK_MIN_SKIPPED_FRAMES = 1 << 62
+        video_decoding.SEEK_MIN_SKIPPED_FRAMES = 1 << 62
 
     times, video = [], None
     for _ in range(args.repeat):

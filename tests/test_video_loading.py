@@ -18,7 +18,7 @@ from transformers_tempo.synthetic import (
     write_long_video,
     write_test_video,
 )
-from transformers_tempo import video_loading
+from transformers_tempo import video_decoding, video_loading
 from transformers_tempo.video_loading import LoadedVideo, VideoLoadError, compute_sample_indices, load_video
 
 X265_QUIET = {"x265-params": "log-level=error"}
@@ -476,12 +476,12 @@ def test_automatic_number_of_workers(tmp_path, monkeypatch):
     one = load_video(path, num_workers=1)
     assert load_video(path).stats["workers"] == 1  # 360 frames to decode: a short job
 
-    monkeypatch.setattr(video_loading, "_cpu_count", lambda: 4)
-    monkeypatch.setattr(video_loading, "MIN_FRAMES_PER_WORKER", 100)
+    monkeypatch.setattr(video_decoding, "_cpu_count", lambda: 4)
+    monkeypatch.setattr(video_decoding, "MIN_FRAMES_PER_WORKER", 100)
     auto = load_video(path)
     assert auto.stats["workers"] == 3  # 360 frames // 100
     assert_same_video(auto, one)
-    monkeypatch.setattr(video_loading, "MIN_FRAMES_PER_WORKER", 10)
+    monkeypatch.setattr(video_decoding, "MIN_FRAMES_PER_WORKER", 10)
     assert load_video(path).stats["workers"] == 4  # no more than the cores
     # bytes and file objects cannot be opened once per worker: always one
     data = path.read_bytes()

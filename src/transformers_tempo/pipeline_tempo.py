@@ -16,6 +16,7 @@ from .streaming import compress_streaming
 from .token_allocation import ATA_OPTION_NAMES
 from .video_cache import default_video_cache
 from .video_loading import LoadedVideo
+from .video_sampling import segment_seconds
 
 PIXEL_KEYS = ("pixel_values_videos", "pixel_values")
 LOAD_OPTIONS = ("fps", "min_frames", "max_frames", "num_workers")
@@ -47,13 +48,12 @@ def segment_report(video: LoadedVideo, relevance, allocation, frames_per_segment
     num_segments = len(allocation)
     segments = []
     for i in range(num_segments):
-        start = frames_per_segment * i
-        end = min(start + frames_per_segment, num_frames)
+        start, end, _ = segment_seconds(i, frames_per_segment, num_frames, video.real_fps)
         segments.append(
             {
                 "index": i,
-                "start": start / video.real_fps,
-                "end": end / video.real_fps,
+                "start": start,
+                "end": end,
                 "relevance": float(relevance[i]),
                 "kept_tokens": int(allocation[i]),
             }

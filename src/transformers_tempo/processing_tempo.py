@@ -41,6 +41,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from .token_allocation import ATA_OPTION_NAMES
 from .video_cache import default_video_cache
+from .video_sampling import patch_times, segment_seconds
 from .video_loading import LoadedVideo
 from .video_processing_tempo import RESIZE_BACKENDS, TempoVideoProcessor
 
@@ -189,16 +190,8 @@ def format_timestamp(seconds: float) -> str:
     return f"<{seconds:.1f} seconds>"
 
 
-def qwen3vl_patch_times(first_index: int, num_patches: int, fps: float, temporal_patch_size: int = 2) -> list[float]:
-    """Times of the temporal patches of a segment whose first frame has index `first_index`.
-
-    As the released code gets them from qwen-vl-utils + Qwen3-VL's processor: frame j of the
-    segment (padding frames included) has index ``first_index + j``; each patch's time is the
-    mean of its first and last frame's ``index / fps``.
-    """
-    times = [(first_index + j) / fps for j in range(num_patches * temporal_patch_size)]
-    step = temporal_patch_size
-    return [(times[k] + times[k + step - 1]) / 2 for k in range(0, len(times), step)]
+# The patch-time rule's old name here (it lives with the other segment times in video_sampling).
+qwen3vl_patch_times = patch_times
 
 
 class TempoProcessor(ProcessorMixin):
@@ -626,12 +619,11 @@ class TempoProcessor(ProcessorMixin):
         grid = out["video_grid_thw"].cpu().long()
         centers, patch_stamps, spans = [], [], []
         for i, (t, _, _) in enumerate(grid.tolist()):
-            start = i * per_segment
-            # compute_segment_timestamp: start index + window / 2, over the real fps
-            centers.append(format_timestamp((start + per_segment / 2) / real_fps))
-            times = qwen3vl_patch_times(start, t, real_fps, self.video_processor.temporal_patch_size)
+            start_s, end_s, centre_s = segment_seconds(i, per_segment, num_frames, real_fps)
+            centers.append(format_timestamp(centre_s))
+            times = patch_times(i * per_segment, t, real_fps, self.video_processor.temporal_patch_size)
             patch_stamps.append([format_timestamp(x) for x in times])
-            spans.append((start / real_fps, min(start + per_segment, num_frames) / real_fps))
+            spans.append((start_s, end_s))
         return {
             "kind": "video",
             "pixels": out["pixel_values_videos"],

@@ -57,6 +57,7 @@ from .frame_geometry import (  # noqa: F401  (re-exported: their public home bef
     video_frame_sizes,
 )
 from .video_loading import LoadedVideo, TempoVideoMetadata, compute_sample_indices, load_video
+from .video_sampling import patch_times, segment_seconds
 
 __all__ = [
     "TempoVideoProcessor",
@@ -402,16 +403,14 @@ class TempoVideoProcessor(BaseVideoProcessor):
         return {
             "pixel_values_videos": pixel_values,
             "video_grid_thw": grid.to(pixel_values.device),
-            "segment_frame_timestamps": [self._patch_times(seg, real_fps) for seg in segments],
-            "segment_centers": [(i * per_segment + per_segment / 2) / real_fps for i in range(len(segments))],
+            "segment_frame_timestamps": [
+                patch_times(seg.start, len(seg.timestamp_indices) // self.temporal_patch_size, real_fps,
+                            self.temporal_patch_size)
+                for seg in segments
+            ],
+            "segment_centers": [segment_seconds(i, per_segment, num_frames, real_fps)[2] for i in range(len(segments))],
             "frame_size": (int(frame_size[0]), int(frame_size[1])),
         }
-
-    def _patch_times(self, segment: VideoSegment, real_fps: float) -> list[float]:
-        # As transformers' Qwen3VLProcessor._calculate_timestamps: times first, then the mean.
-        times = [i / real_fps for i in segment.timestamp_indices]
-        step = self.temporal_patch_size
-        return [(times[k] + times[k + step - 1]) / 2 for k in range(0, len(times), step)]
 
     def _frames_to_patches(self, frames: torch.Tensor, order: list[int], dtype=None, output_device=None) -> torch.Tensor:
         """Normalise and patchify `frames[order]` ((N, 3, H, W) uint8, N even), a chunk of

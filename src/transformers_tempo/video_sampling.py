@@ -1,5 +1,7 @@
-"""Which frames Tempo samples: the released 2 fps rule (`compute_sample_indices`) and the frames a
-``(start, end)`` clip keeps (`clip_frame_range`)."""
+"""Which frames Tempo samples and when they are: the released 2 fps rule (`compute_sample_indices`), the
+frames a ``(start, end)`` clip keeps (`clip_frame_range`), and the times of segments and of their
+temporal patches (`segment_seconds`, `patch_times`), the one place every prompt and report takes
+them from."""
 
 from __future__ import annotations
 
@@ -76,3 +78,27 @@ def clip_frame_range(
     if last < first:  # the clip falls between two frames: the frame showing at `start`
         first = last = min(math.floor(start * source_fps + eps), total_frames - 1)
     return first, last - first + 1
+
+
+def segment_seconds(index: int, frames_per_segment: int, num_frames: int, real_fps: float) -> tuple[float, float, float]:
+    """(start, end, centre) in seconds of segment `index` of the sampled frames.
+
+    Start and end are those of its frames (the last segment may be shorter). The centre is the
+    released decoder timestamp, ``(index * frames_per_segment + frames_per_segment / 2) / real_fps``
+    ((8 i + 4) / fps), also for a shorter last segment.
+    """
+    start = index * frames_per_segment
+    end = min(start + frames_per_segment, num_frames)
+    return start / real_fps, end / real_fps, (start + frames_per_segment / 2) / real_fps
+
+
+def patch_times(first_index: int, num_patches: int, fps: float, temporal_patch_size: int = 2) -> list[float]:
+    """Times of the temporal patches of a segment whose first frame has index `first_index`.
+
+    As the released code gets them from qwen-vl-utils + Qwen3-VL's processor: frame j of the segment
+    (padding frames included) has index ``first_index + j``; each patch's time is the mean of its
+    first and last frame's ``index / fps``.
+    """
+    times = [(first_index + j) / fps for j in range(num_patches * temporal_patch_size)]
+    step = temporal_patch_size
+    return [(times[k] + times[k + step - 1]) / 2 for k in range(0, len(times), step)]

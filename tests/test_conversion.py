@@ -625,6 +625,20 @@ def test_tempo_cli_subcommand_reuses_the_arguments():
         True, "me/x", "float16", "2GB", False)
 
 
+@pytest.mark.parametrize("argv", [["convert", "--help"], ["convert", "--tempo_path", "x"]])
+def test_convert_help_and_argument_errors_import_no_heavy_module(argv):
+    """`tempo convert --help` builds the conversion options without torch, transformers or huggingface_hub."""
+    code = (
+        "import sys\nfrom transformers_tempo.cli import main\n"
+        f"rc = main({argv!r})\n"
+        "print(rc, sorted(m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    last = result.stdout.strip().splitlines()[-1]
+    assert last == f"{0 if '--help' in argv else 2} []", result.stdout + result.stderr
+    assert "--qwen3vl_path" in result.stdout + result.stderr  # the options came from conversion.cli
+
+
 def card_metadata(text: str) -> dict:
     import yaml
 

@@ -93,21 +93,14 @@ def convert_tempo_checkpoint(
         allow_pickle=allow_pickle, released_float16_rounding=released_float16_rounding, progress=progress, clock=clock,
     )
     model, num_parameters = _build_model(inputs, weights)
-    warnings_ = list(weights.notices)
+    notices = list(weights.notices)
 
     _say(progress, f"[5/6] writing weights (shards of at most {max_shard_size}), config, processor, code, card")
-    with atomic_directory(output_dir, replace=overwrite) as tmp:
-        with _quiet_transformers(progress_bars=progress is not None):
-            model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        del model
-        clock.lap("write weights")
-        notes, card_warnings = write_folder_extras(
-            tmp, tokenizer=inputs.tokenizer, base_path=qwen3vl_path, model_card=model_card, repo_id=push_to_hub
-        )
-        inputs.config_notes.extend(notes)
-        warnings_.extend(card_warnings)
-        clock.lap("write processor/code/card")
-        _check_output(output_dir, overwrite)  # re-check: something may have appeared meanwhile
+    _write_output_folder(
+        model, inputs, output_dir=output_dir, overwrite=overwrite, max_shard_size=max_shard_size, qwen3vl_path=qwen3vl_path,
+        model_card=model_card, repo_id=push_to_hub, notices=notices, progress=progress, clock=clock,
+    )
+    del model  # ~12 GB for Tempo-6B: not kept during the upload
     files = sorted(p.name for p in output_dir.iterdir())
 
     if push_to_hub:
@@ -124,7 +117,7 @@ def convert_tempo_checkpoint(
         tied_weights=weights.tied_notes,
         relevance=weights.relevance,
         config_notes=inputs.config_notes,
-        warnings=warnings_,
+        warnings=notices,
         num_tensors=len(weights.mapping),
         num_parameters=num_parameters,
         files=files,
@@ -322,6 +315,23 @@ def _generation_config(config, tokenizer):
         setattr(generation_config, name, getattr(config, name))
     generation_config._from_model_config = False
     return generation_config
+
+
+def _write_output_folder(model, inputs: _Inputs, *, output_dir: Path, overwrite: bool, max_shard_size, qwen3vl_path: Path,
+                         model_card, repo_id: str | None, notices: list[str], progress: Progress, clock: _StepClock) -> None:
+    """Weights, config, processor, code and card into a temporary folder beside `output_dir`, renamed
+    into place only when all of it is written (see `atomic_directory`)."""
+    with atomic_directory(output_dir, replace=overwrite) as tmp:
+        with _quiet_transformers(progress_bars=progress is not None):
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        clock.lap("write weights")
+        notes, card_warnings = write_folder_extras(
+            tmp, tokenizer=inputs.tokenizer, base_path=qwen3vl_path, model_card=model_card, repo_id=repo_id
+        )
+        inputs.config_notes.extend(notes)
+        notices.extend(card_warnings)
+        clock.lap("write processor/code/card")
+        _check_output(output_dir, overwrite)  # re-check: something may have appeared meanwhile
 
 
 # ----------------------------------------------------------------------------------------------- helpers

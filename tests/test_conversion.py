@@ -18,8 +18,9 @@ from safetensors.torch import save_file
 from transformers import AutoModel, Qwen3VLForConditionalGeneration
 
 import transformers_tempo  # noqa: F401  (registers the Auto classes)
-from transformers_tempo import TempoForConditionalGeneration, conversion
+from transformers_tempo import TempoForConditionalGeneration, atomic_files, conversion
 from transformers_tempo.conversion import ConversionError, convert_tempo_checkpoint
+from transformers_tempo.conversion import export as conversion_export
 from transformers_tempo.testing_utils import build_tiny_model, build_tiny_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -506,15 +507,16 @@ def test_pickle_refused_unless_allowed(world, tmp_path):
     assert torch.equal(out["model.projector.linear_1.weight"], world.source.model.projector.linear_1.weight)
 
 
-@pytest.mark.parametrize("step", ["save_pretrained", "write_remote_code", "_move_into_place"])
-def test_interrupted_conversion_leaves_nothing(world, tmp_path, monkeypatch, step):
+@pytest.mark.parametrize(
+    "owner, step",
+    [(TempoForConditionalGeneration, "save_pretrained"), (conversion_export, "write_remote_code"),
+     (atomic_files, "replace_directory")],
+)
+def test_interrupted_conversion_leaves_nothing(world, tmp_path, monkeypatch, owner, step):
     def boom(*args, **kwargs):
         raise RuntimeError(f"interrupted in {step}")
 
-    if step == "save_pretrained":
-        monkeypatch.setattr(TempoForConditionalGeneration, "save_pretrained", boom)
-    else:
-        monkeypatch.setattr(conversion, step, boom)
+    monkeypatch.setattr(owner, step, boom)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="interrupted"):
         convert_tempo_checkpoint(world.tempo_path, world.base_path, out, progress=None)
@@ -525,7 +527,7 @@ def test_interrupted_overwrite_keeps_the_old_output(world, converted, tmp_path, 
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    monkeypatch.setattr(conversion, "write_model_card", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
+    monkeypatch.setattr(conversion_export, "write_model_card", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
     with pytest.raises(RuntimeError, match="stop"):
         convert_tempo_checkpoint(world.tempo_path, world.base_path, out, overwrite=True, progress=None)
     assert os.listdir(out) == ["keep.txt"] and os.listdir(tmp_path) == ["out"]
@@ -580,7 +582,7 @@ def test_push_to_hub_uploads_the_output_folder(world, tmp_path, monkeypatch):
             calls.append(("upload_folder", folder_path, repo_id, kwargs, sorted(os.listdir(folder_path))))
             return SimpleNamespace(commit_url="https://huggingface.co/me/tempo-6b/commit/1")
 
-    monkeypatch.setattr(conversion, "HfApi", FakeApi)
+    monkeypatch.setattr(conversion_export, "HfApi", FakeApi)
     out = tmp_path / "out"
     report = convert_tempo_checkpoint(world.tempo_path, world.base_path, out, push_to_hub="me/tempo-6b", progress=None)
     assert calls[1][0] == "create_repo" and calls[1][1] == "me/tempo-6b" and calls[1][2]["exist_ok"] is True
@@ -621,6 +623,20 @@ def test_tempo_cli_subcommand_reuses_the_arguments():
                               "--push_to_hub", "me/x", "--dtype", "float16", "--max_shard_size", "2GB"])
     assert (args.allow_pickle, args.push_to_hub, args.dtype, args.max_shard_size, args.overwrite) == (
         True, "me/x", "float16", "2GB", False)
+
+
+@pytest.mark.parametrize("argv", [["convert", "--help"], ["convert", "--tempo_path", "x"]])
+def test_convert_help_and_argument_errors_import_no_heavy_module(argv):
+    """`tempo convert --help` builds the conversion options without torch, transformers or huggingface_hub."""
+    code = (
+        "import sys\nfrom transformers_tempo.cli import main\n"
+        f"rc = main({argv!r})\n"
+        "print(rc, sorted(m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    last = result.stdout.strip().splitlines()[-1]
+    assert last == f"{0 if '--help' in argv else 2} []", result.stdout + result.stderr
+    assert "--qwen3vl_path" in result.stdout + result.stderr  # the options came from conversion.cli
 
 
 def card_metadata(text: str) -> dict:

@@ -16,7 +16,7 @@ from transformers import AutoModel, AutoProcessor, pipeline
 
 import transformers_tempo  # noqa: F401  (registers the task)
 from transformers_tempo import TempoProcessor, TempoVideoProcessor
-from transformers_tempo.batch import BatchSettings, LineWriter, answer_items, read_items, read_records, run, shard
+from transformers_tempo.cli.batch_job import BatchSettings, LineWriter, answer_items, read_items, read_records, run, shard
 from transformers_tempo.cli import UsageError, main, parse_device_map
 from transformers_tempo.synthetic import write_test_video
 from transformers_tempo.testing_utils import build_tiny_model

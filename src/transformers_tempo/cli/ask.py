@@ -61,11 +61,7 @@ def add_ask_options(p: argparse.ArgumentParser) -> None:
 def cmd_ask(args) -> int:
     check_numbers(args)
     check_reference(args)
-    questions = ([args.question] if args.question is not None else []) + (args.more_questions or [])
-    if not questions:
-        raise UsageError("give a question (after the video, or with -q)")
-    if args.stream and len(questions) > 1:
-        raise UsageError("--stream answers one question; leave it out to ask several (the video is decoded once)")
+    questions = _questions(args)
     device_map = parse_device_map(args.device_map)
     if device_map is not None and args.device:
         raise UsageError("give --device or --device-map, not both")
@@ -99,7 +95,34 @@ def cmd_ask(args) -> int:
         demo_notice(args)
         vqa = load_pipeline(model, args.device, args.dtype, device_map, args.compile, args.reference)
         call = {}
-    call.update(max_new_tokens=args.max_new_tokens, progress=show_progress)
+    call.update(_generation_options(args), progress=show_progress)
+    with Status("answering", enabled=sys.stderr.isatty() and not show_progress):
+        results = _answer(vqa, loaded, questions, call)
+    for i, (question, result) in enumerate(zip(questions, results)):
+        if decode_s is not None:
+            result["timings"]["decode"] = decode_s if i == 0 else 0.0  # decoded once, for the first
+        if demo and args.json:  # (on a terminal the notice above and the answer line say it)
+            result.setdefault("warnings", []).append(DEMO_WARNING)
+        results[i] = {"video": str(video), "question": question, "model": model, **result}
+    if args.plot:
+        plot_allocation(results[0], args.plot)
+    print_results(results, args, demo)
+    return 0
+
+
+def _questions(args) -> list[str]:
+    """The question after the video, then those given with -q."""
+    questions = ([args.question] if args.question is not None else []) + (args.more_questions or [])
+    if not questions:
+        raise UsageError("give a question (after the video, or with -q)")
+    if args.stream and len(questions) > 1:
+        raise UsageError("--stream answers one question; leave it out to ask several (the video is decoded once)")
+    return questions
+
+
+def _generation_options(args) -> dict:
+    """The pipeline options of --max-new-tokens, --min-new-tokens, --temperature, --budget, --no-ata."""
+    call = {"max_new_tokens": args.max_new_tokens}
     if args.min_new_tokens:
         call["min_new_tokens"] = min(args.min_new_tokens, args.max_new_tokens)
     if args.temperature:
@@ -111,10 +134,15 @@ def cmd_ask(args) -> int:
         call["visual_token_budget"] = args.budget
     if args.no_ata:
         call["use_ata"] = False
+    return call
+
+
+def _answer(vqa, loaded, questions: list[str], call: dict) -> list[dict]:
+    """One result per question; several questions: one decode (done before) and one vision-tower pass."""
+    from ..video_loading import VideoLoadError
+
     try:
-        with Status("answering", enabled=sys.stderr.isatty() and not show_progress):
-            # several questions: one decode (above) and one vision-tower pass, answered in order
-            results = vqa(video=loaded, question=questions if len(questions) > 1 else questions[0], **call)
+        results = vqa(video=loaded, question=questions if len(questions) > 1 else questions[0], **call)
     except ValueError as err:  # streaming reads the video inside the call
         cause = err
         while cause is not None and not isinstance(cause, VideoLoadError):
@@ -122,24 +150,18 @@ def cmd_ask(args) -> int:
         if cause is None:
             raise
         raise UsageError(str(cause)) from err
-    results = results if isinstance(results, list) else [results]
-    for i, (question, result) in enumerate(zip(questions, results)):
-        if decode_s is not None:
-            result["timings"]["decode"] = decode_s if i == 0 else 0.0  # decoded once, for the first
-        if demo and args.json:  # (on a terminal the notice above and the answer line say it)
-            result.setdefault("warnings", []).append(DEMO_WARNING)
-        results[i] = {"video": str(video), "question": question, "model": model, **result}
-    if args.plot:
-        plot_allocation(results[0], args.plot)
+    return results if isinstance(results, list) else [results]
+
+
+def print_results(results: list[dict], args, demo: bool) -> None:
     if args.json:  # one object; several questions: one object per line, in order
         print(json.dumps(results[0], indent=2) if len(results) == 1 else "\n".join(map(json.dumps, results)))
-        return 0
+        return
     for result in results:
         if len(results) > 1:
             print(f"Q: {result['question']}")
         print(answer_text(result["answer"], demo))
     print(summary_text(results[-1]), file=sys.stderr if args.quiet_summary else sys.stdout)
-    return 0
 
 
 DEMO_WARNING = "the model is the tiny random demo model: its answers are noise"

@@ -38,6 +38,8 @@ sampled_frames, tokens_per_frame, duration, segments, timings, ... or, for an it
 items already in OUTPUT (or in the OUTPUT.rankN.part files a killed run leaves) are skipped.
 Error lines are kept and not retried unless --retry-errors is given. The exit status is 0 when the
 run completes (failed items included: see the summary), 2 for a bad command line or input file.
+Several questions about one video decode it once per process (its later items' timings say
+"decode": 0), in any order in the file; the answers are those of one question at a time.
 
 Data parallel over several GPUs: accelerate launch --num_processes 2 -m transformers_tempo.cli batch ...
 """

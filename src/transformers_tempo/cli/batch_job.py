@@ -6,9 +6,11 @@ One process, or data parallel under `accelerate launch` (one process per GPU). T
 2. The main process folds what an earlier run left behind (the output and any `OUTPUT.rankN.part`
    files) into the output, so ids answered before are skipped, whatever the number of processes.
 3. Each process takes every `num_processes`-th of the items still to do (a fixed, strided split),
-   decodes each video on its own, answers them `batch_size` at a time, and appends each finished
-   line (answer or error) to its own `OUTPUT.rankN.part`, flushed and fsynced: a kill loses at most
-   the line being written, and a torn last line is cut away when the file is read again.
+   answers them in input order, `batch_size` at a time, and appends each finished line (answer or
+   error) to its own `OUTPUT.rankN.part`, flushed and fsynced: a kill loses at most the line being
+   written, and a torn last line is cut away when the file is read again. Each video is decoded
+   once per process: several questions about it get the same decoded frames (`VideoDecoder`), and
+   those in one model call the same vision features.
 4. After all processes are done, the main process merges output + part files (one line per id, in
    input order) into a temporary file, renames it onto the output and deletes the part files.
 
@@ -23,6 +25,7 @@ import json
 import math
 import os
 import time
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +68,9 @@ class BatchSettings:
     batch_size: int = 1
     retry_errors: bool = False
     base_dir: Path = Path(".")
+    # decoded frames kept for later items of the same video (see VideoDecoder); 4 GiB holds a few
+    # 1024-frame videos at the processor's size
+    max_held_bytes: int = 4 * 1024**3
 
 
 # ------------------------------------------------------------------------------------- input
@@ -202,16 +208,22 @@ def collect_and_write(output: Path, items: list[dict]) -> dict:
     input_ids = [item["id"] for item in items]
     known = set(input_ids)
     order = [i for i in input_ids if i in merged] + [i for i in merged if i not in known]
-    tmp = output.with_name(output.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record_id in order:
-            f.write(json.dumps(merged[record_id], ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, output)
+    write_lines_atomically(output, [merged[record_id] for record_id in order])
     for part in parts:
         part.unlink()
     return merged
+
+
+def write_lines_atomically(path: Path, records: list[dict]) -> None:
+    """`path` holds `records`, one JSON line each, or (after a crash) what it held before: written
+    to a temporary file, synced, then renamed onto it. (The command's one atomic file write.)"""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def pending_items(items: list[dict], done: dict, retry_errors: bool) -> list[dict]:
@@ -240,16 +252,78 @@ class LineWriter:
 
 
 # ------------------------------------------------------------------------------------- answering
+class VideoDecoder:
+    """Decodes the videos of one process's items, each video once.
+
+    A video is a file with its sampling options (fps, max_frames). Its decoded frames (or its
+    error message) are kept while later items of this process ask about it, and handed to the model
+    as the same `LoadedVideo` object, so one model call computes its vision features once. What is
+    kept is bounded by `max_held_bytes` of frames: past it, the oldest video kept is let go and
+    decoded again when its next item comes. Used from one thread at a time.
+    """
+
+    def __init__(self, vqa, ready: list, settings: BatchSettings):
+        video_processor = getattr(vqa.processor, "video_processor", None)
+        self.load_options = {
+            "max_longer_edge": getattr(video_processor, "longest_edge", None),
+            # shrink while decoding with the processor's own kernel, so that the exact (PIL) mode stays exact
+            "resize_backend": getattr(video_processor, "resize_backend", "torch"),
+            "pin_memory": str(getattr(vqa, "device", "cpu")).startswith("cuda"),  # page-locked frames upload fast
+        }
+        self.base_dir, self.max_held_bytes = settings.base_dir, settings.max_held_bytes
+        self.items_left = Counter(self.key(item, options) for item, options in ready)
+        self.held = OrderedDict()  # key -> (LoadedVideo or error message, bytes)
+
+    def key(self, item: dict, options: dict) -> tuple:
+        path = os.path.realpath(self.base_dir / item["video"])
+        return path, options["fps"], options["max_frames"]
+
+    def decode(self, batch: list) -> tuple[list, list]:
+        """A batch's videos: ([(item, video, decode seconds)], [(item, error message)]); a video
+        decoded for an earlier item is reused (0 seconds)."""
+        loaded, failed = [], []
+        for item, options in batch:
+            key = self.key(item, options)
+            t0, reused = time.perf_counter(), key in self.held
+            video = self.held[key][0] if reused else self._load(item, options)
+            self.items_left[key] -= 1
+            if self.items_left[key] > 0:
+                self._hold(key, video)
+            else:
+                self.held.pop(key, None)
+            if isinstance(video, str):
+                failed.append((item, video))
+            else:
+                loaded.append((item, video, 0.0 if reused else time.perf_counter() - t0))
+        return loaded, failed
+
+    def _load(self, item: dict, options: dict):
+        """The item's decoded video, or the loader's one-line error message."""
+        from ..video_loading import load_video
+
+        sampling = {name: options[name] for name in ("fps", "max_frames") if options[name] is not None}
+        try:
+            return load_video(self.base_dir / item["video"], **self.load_options, **sampling)
+        except ValueError as err:  # VideoLoadError: the message names the file and the problem
+            return str(err)
+
+    def _hold(self, key: tuple, video) -> None:
+        if key in self.held:
+            return
+        size = 0 if isinstance(video, str) else video.frames.numel() * video.frames.element_size()
+        self.held[key] = (video, size)
+        while self.held and sum(nbytes for _, nbytes in self.held.values()) > self.max_held_bytes:
+            self.held.popitem(last=False)
+
+
 def answer_items(vqa, items: list[dict], writer: LineWriter, settings: BatchSettings, progress: bool = False) -> dict:
-    """Answer `items` with the pipeline `vqa`, writing each line as soon as it is known.
+    """Answer `items` with the pipeline `vqa`, in their order, writing each line as soon as it is known.
 
     Items with the same model options are answered `settings.batch_size` at a time. Each video is
-    decoded on its own first, so a bad video becomes an error line and the rest of its batch goes on.
-    Returns counts: {"answered": n, "failed": n}.
+    decoded once (`VideoDecoder`) before the model call, so a bad video becomes an error line and
+    the rest of its batch goes on. Returns counts: {"answered": n, "failed": n}.
     """
     from tqdm.auto import tqdm
-
-    from ..video_loading import load_video
 
     counts = {"answered": 0, "failed": 0}
     bar = tqdm(total=len(items), desc="answering", unit="video", disable=not progress)
@@ -266,55 +340,22 @@ def answer_items(vqa, items: list[dict], writer: LineWriter, settings: BatchSett
         except ValueError as err:
             fail(item, f"{item['video']}: {err}")
 
-    video_processor = getattr(vqa.processor, "video_processor", None)
-    longer_edge = getattr(video_processor, "longest_edge", None)
-    # shrink while decoding with the processor's own kernel, so that the exact (PIL) mode stays exact
-    resize_backend = getattr(video_processor, "resize_backend", "torch")
-    pin = str(getattr(vqa, "device", "cpu")).startswith("cuda")  # page-locked frames upload fast
-
-    def decode(batch):
-        """Decode a batch's videos one by one: ([(item, video, seconds)], [(item, error message)])."""
-        loaded, failed = [], []
-        for item, options in batch:
-            load_options = {k: options[k] for k in ("fps", "max_frames") if options[k] is not None}
-            t0 = time.perf_counter()
-            try:
-                video = load_video(
-                    settings.base_dir / item["video"], max_longer_edge=longer_edge, resize_backend=resize_backend,
-                    pin_memory=pin, **load_options,
-                )
-            except ValueError as err:  # VideoLoadError: the message names the file and the problem
-                failed.append((item, str(err)))
-                continue
-            loaded.append((item, video, time.perf_counter() - t0))
-        return loaded, failed
-
+    decoder = VideoDecoder(vqa, ready, settings)
     batches = list(_batches(ready, settings.batch_size))
     # The next batch's videos are decoded (CPU, PyAV releases the GIL) while the model answers the
-    # current batch (GPU); at most two batches of frames are held.
+    # current batch (GPU); at most two batches of frames are held, besides the videos kept for later items.
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tempo-decode")
     try:
-        upcoming = pool.submit(decode, batches[0]) if batches else None
+        upcoming = pool.submit(decoder.decode, batches[0]) if batches else None
         for index, batch in enumerate(batches):
             loaded, failed = upcoming.result()
-            upcoming = pool.submit(decode, batches[index + 1]) if index + 1 < len(batches) else None
+            upcoming = pool.submit(decoder.decode, batches[index + 1]) if index + 1 < len(batches) else None
             for item, message in failed:
                 fail(item, message)
             if not loaded:
                 continue
             call = _call_options(batch[0][1], settings)
-            try:
-                answered = list(zip(loaded, _ask(vqa, loaded, call)))
-            except ValueError as err:
-                if len(loaded) == 1:
-                    fail(loaded[0][0], f"{loaded[0][0]['video']}: {err}")
-                    continue
-                answered = []  # the model refused this batch: answer each video on its own to find the bad one
-                for one in loaded:
-                    try:
-                        answered.append((one, _ask(vqa, [one], call)[0]))
-                    except ValueError as err:
-                        fail(one[0], f"{one[0]['video']}: {err}")
+            answered = _answer_batch(vqa, loaded, call, fail)
             for (item, _, decode_s), result in answered:
                 writer.write(answer_line(item, result, decode_s))
                 counts["answered"] += 1
@@ -323,6 +364,23 @@ def answer_items(vqa, items: list[dict], writer: LineWriter, settings: BatchSett
         pool.shutdown(cancel_futures=True)
     bar.close()
     return counts
+
+
+def _answer_batch(vqa, loaded: list, call: dict, fail) -> list:
+    """[((item, video, decode seconds), result)] of one batch; an item the model refuses goes to `fail`."""
+    try:
+        return list(zip(loaded, _ask(vqa, loaded, call)))
+    except ValueError as err:
+        if len(loaded) == 1:
+            fail(loaded[0][0], f"{loaded[0][0]['video']}: {err}")
+            return []
+    answered = []  # the model refused this batch: answer each video on its own to find the bad one
+    for one in loaded:
+        try:
+            answered.append((one, _ask(vqa, [one], call)[0]))
+        except ValueError as err:
+            fail(one[0], f"{one[0]['video']}: {err}")
+    return answered
 
 
 def _batches(ready: list, size: int):

@@ -18,7 +18,8 @@ def add_demo_parser(subparsers) -> None:
     demo.add_argument("--question", default=None, help=f"the question (default: {DEMO_QUESTION!r})")
     add_ask_options(demo)
     add_debug_option(demo)
-    demo.set_defaults(func=cmd_demo)
+    # what `tempo ask` reads that the demo does not offer: one question, not the released preset
+    demo.set_defaults(func=cmd_demo, more_questions=None, reference=False)
 
 
 def cmd_demo(args) -> int:

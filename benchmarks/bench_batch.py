@@ -6,7 +6,7 @@
     accelerate launch --num_processes 2 benchmarks/bench_batch.py --out batch-2gpu.json   # data parallel
 
 Generates --videos test videos (--seconds long, --width x --height, H.264) once into --video-dir,
-writes an items file, then runs the same code as `tempo batch` (transformers_tempo.batch.run):
+writes an items file, then runs the same code as `tempo batch` (transformers_tempo.cli.batch_job.run):
 each process decodes its share of the videos and answers them --batch-size at a time. The
 answers file is started afresh each run. Prints and writes (--out) one JSON object: the run's
 summary (videos/s over the answering time, model load excluded), the time spent per stage summed
@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
 from bench_e2e import build  # noqa: E402  (the same real-size random model and processor)
-from transformers_tempo.batch import BatchSettings, run  # noqa: E402
+from transformers_tempo.cli.batch_job import BatchSettings, run  # noqa: E402
 from transformers_tempo.synthetic import write_long_video  # noqa: E402
 
 QUESTIONS = [

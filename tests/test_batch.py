@@ -16,7 +16,7 @@ from transformers import AutoModel, AutoProcessor, pipeline
 
 import transformers_tempo  # noqa: F401  (registers the task)
 from transformers_tempo import TempoProcessor, TempoVideoProcessor
-from transformers_tempo.batch import BatchSettings, LineWriter, answer_items, read_items, read_records, run, shard
+from transformers_tempo.cli.batch_job import BatchSettings, LineWriter, answer_items, read_items, read_records, run, shard
 from transformers_tempo.cli import UsageError, main, parse_device_map
 from transformers_tempo.synthetic import write_test_video
 from transformers_tempo.testing_utils import build_tiny_model
@@ -558,3 +558,122 @@ def test_next_batch_is_decoded_while_the_model_answers(video_dir, tmp_path, monk
     assert [r["answer"] for r in read_records(out)] == ["Q0", "Q1", "Q2"]
     first_answer_end = events.index(("answer-end", 1))
     assert events.index(("decode", "long.mp4")) < first_answer_end  # batch 2 decoded during batch 1's call
+
+
+# ------------------------------------------------------------------------------- (e) one decode per video
+def interleaved_items():
+    """3 videos x 3 questions, the videos interleaved: a1 b1 c1 a2 b2 c2 a3 b3 c3."""
+    return [
+        {"id": f"{video}-{q}", "video": video, "question": QUESTIONS[q]}
+        for q in range(3)
+        for video in VIDEOS
+    ]
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """The paths `video_loading.load_video` is called with (every decode the batch job does)."""
+    from transformers_tempo import video_loading
+
+    calls, real = [], video_loading.load_video
+
+    def counting(path, **kwargs):
+        calls.append(os.path.basename(path))
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(video_loading, "load_video", counting)
+    return calls
+
+
+class ObjectRecorder(RecordingPipeline):
+    """Notes the decoded video objects the model calls got, in order."""
+
+    def __init__(self, vqa):
+        super().__init__(vqa)
+        self.objects = []
+
+    def __call__(self, video, question, **kwargs):
+        self.objects.extend(video)
+        return super().__call__(video, question, **kwargs)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_each_video_is_decoded_once_and_the_answers_are_unchanged(vqa, video_dir, tmp_path, decodes, monkeypatch, batch_size):
+    items = interleaved_items()
+    encodes, real_encode = [], vqa.model.encode_video_features
+    monkeypatch.setattr(vqa.model, "encode_video_features", lambda *a, **k: encodes.append(1) or real_encode(*a, **k))
+    recorder = ObjectRecorder(vqa)
+    summary = run(items, tmp_path / "grouped.jsonl", lambda: recorder, settings_for(video_dir, batch_size=batch_size))
+    assert summary["answered"] == 9 and summary["failed"] == 0
+    assert sorted(decodes) == sorted(VIDEOS)  # each video once
+    objects = {}  # the calls answer the items in input order: video file -> ids of the objects given
+    for item, loaded in zip(items, recorder.objects, strict=True):
+        objects.setdefault(item["video"], set()).add(id(loaded))
+    assert objects == {video: {id(recorder.objects[i])} for i, video in enumerate(VIDEOS)}  # one object per video
+    # batch size 4: calls [a1 b1 c1 a2] [b2 c2 a3 b3] [c3]: a video's features once per call
+    assert len(encodes) == (9 if batch_size == 1 else 3 + 3 + 1)
+    grouped = read_jsonl(tmp_path / "grouped.jsonl")
+    assert [line["id"] for line in grouped] == [item["id"] for item in items]
+    first = {}
+    for line in grouped:
+        assert line["timings"]["decode"] > 0 if line["video"] not in first else line["timings"]["decode"] == 0.0
+        first.setdefault(line["video"], line["id"])
+
+    # one at a time and nothing kept between items (the job as it was): a decode per item, same answers
+    decodes.clear()
+    alone = settings_for(video_dir, batch_size=1, max_held_bytes=0)
+    run(items, tmp_path / "alone.jsonl", lambda: RecordingPipeline(vqa), alone)
+    assert len(decodes) == 9
+    for line, single in zip(grouped, read_jsonl(tmp_path / "alone.jsonl")):
+        for key in ("id", "answer", "visual_tokens", "sampled_frames", "tokens_per_frame", "duration", "segments"):
+            assert line[key] == single[key], key
+    for line, item in zip(grouped, items):  # and the pipeline's own answer, decoding the file itself
+        assert_matches_direct(line, direct(vqa, video_dir, item), item)
+
+
+def test_a_bad_video_is_tried_once_for_all_its_items(vqa, video_dir, tmp_path, decodes):
+    items = [
+        {"id": "bad-1", "video": "corrupt.mp4", "question": QUESTIONS[0]},
+        {"id": "good", "video": "short.mp4", "question": QUESTIONS[0]},
+        {"id": "bad-2", "video": "corrupt.mp4", "question": QUESTIONS[1]},
+    ]
+    summary = run(items, tmp_path / "answers.jsonl", lambda: vqa, settings_for(video_dir))
+    assert summary["answered"] == 1 and summary["failed"] == 2
+    assert decodes == ["corrupt.mp4", "short.mp4"]
+    lines = read_jsonl(tmp_path / "answers.jsonl")
+    assert lines[0]["error"] == lines[2]["error"] and lines[0]["error"].startswith(f"{video_dir / 'corrupt.mp4'}: ")
+
+
+def test_resume_after_a_partial_run_with_shared_videos(vqa, video_dir, tmp_path, decodes):
+    items = interleaved_items()
+    output = tmp_path / "answers.jsonl"
+
+    class Interrupted(RecordingPipeline):
+        def __call__(self, video, question, **kwargs):
+            if len(self.calls) == 4:  # a kill during the 5th item (b2)
+                raise KeyboardInterrupt
+            return super().__call__(video, question, **kwargs)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(items, output, lambda: Interrupted(vqa), settings_for(video_dir))
+    before = read_records(tmp_path / "answers.jsonl.rank0.part")
+    assert [r["id"] for r in before] == [item["id"] for item in items[:4]]
+    decodes.clear()
+    recorder = RecordingPipeline(vqa)
+    summary = run(items, output, lambda: recorder, settings_for(video_dir))
+    assert summary["skipped"] == 4 and summary["answered"] == 5
+    assert recorder.calls == [[item["question"]] for item in items[4:]]  # the rest, in input order
+    assert sorted(decodes) == sorted(VIDEOS)  # b, c and a once each
+    lines = read_jsonl(output)
+    assert [line["id"] for line in lines] == [item["id"] for item in items]
+    assert lines[:4] == before
+    for line, item in zip(lines, items):
+        assert_matches_direct(line, direct(vqa, video_dir, item), item)
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_the_old_import_path_is_the_same_job():
+    from transformers_tempo import batch as old
+    from transformers_tempo.cli import batch_job
+
+    assert old.run is batch_job.run and old.BatchSettings is batch_job.BatchSettings

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from transformers_tempo import cli
+from transformers_tempo.cli import common as cli_common
 from transformers_tempo.synthetic import write_test_video
 
-REAL_HUB_PROBE = cli._hub_reachable  # (the autouse fixture below replaces the module's)
+REAL_HUB_PROBE = cli_common._hub_reachable  # (the autouse fixture below replaces the module's)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def files(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def no_hub(monkeypatch, tmp_path):
     """No test here may reach the network: the Hub is unreachable and its cache empty."""
-    monkeypatch.setattr(cli, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(cli_common, "_hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("TEMPO_CACHE", str(tmp_path / "tempo-cache"))
@@ -111,7 +112,7 @@ def test_bad_invocation_is_one_line_and_exit_2(args, message, files, capsys):
 
 def test_hub_id_with_hf_hub_offline_fails_at_once(files, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(cli, "_hub_reachable", lambda timeout=3.0: pytest.fail("HF_HUB_OFFLINE: no connection"))
+    monkeypatch.setattr(cli_common, "_hub_reachable", lambda timeout=3.0: pytest.fail("HF_HUB_OFFLINE: no connection"))
     assert cli.main(["ask", str(files / "clip.mp4"), "q", "--model", "org/tempo-6b"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "tempo: error: --model org/tempo-6b: no such folder, and HF_HUB_OFFLINE is set while it is not in the local Hugging Face cache"
@@ -194,7 +195,7 @@ def test_ctrl_c_is_one_line_and_exit_130(files, capsys, monkeypatch):
 
 
 def test_ctrl_c_in_batch_keeps_the_answers_and_the_next_run_resumes(tiny_model_dir, files, tmp_path, capsys, monkeypatch):
-    from transformers_tempo import batch
+    from transformers_tempo.cli import batch_job as batch
 
     items = tmp_path / "items.jsonl"
     items.write_text("".join(json.dumps({"id": i, "video": str(files / "clip.mp4"), "question": f"q{i}"}) + "\n" for i in range(3)))

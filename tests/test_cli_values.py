@@ -14,6 +14,7 @@ from transformers import AutoModel
 
 import transformers_tempo  # noqa: F401  (registers the Auto classes and the task)
 from transformers_tempo import TempoProcessor, TempoVideoProcessor, cli
+from transformers_tempo.cli import ask as cli_ask
 from transformers_tempo.synthetic import write_test_video
 from transformers_tempo.testing_utils import build_tiny_model
 
@@ -114,8 +115,8 @@ def test_no_ata_keeps_every_memory_token(capsys, model_dir, short_video):
 
 def test_dtype_loads_the_model_in_that_dtype(capsys, model_dir, short_video, monkeypatch):
     loaded = []
-    real = cli.load_pipeline
-    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
+    real = cli_ask.load_pipeline
+    monkeypatch.setattr(cli_ask, "load_pipeline", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
     full = ask(capsys, model_dir, short_video, "--dtype", "float32", "--no-ata")
     half = ask(capsys, model_dir, short_video, "--dtype", "bfloat16", "--no-ata")
     assert [vqa.model.dtype for vqa in loaded] == [torch.float32, torch.bfloat16]

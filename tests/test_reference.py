@@ -122,12 +122,13 @@ def test_tempo_ask_reference_loads_the_released_settings(tiny_model_dir, tmp_pat
     import torch
 
     from transformers_tempo import cli
+    from transformers_tempo.cli import ask as cli_ask
     from transformers_tempo.synthetic import write_test_video
 
     video = write_test_video(tmp_path / "clip.mp4", num_frames=60, fps=10, width=64, height=48)
     loaded = []
-    original = cli.load_pipeline
-    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: loaded.append(original(*a, **k)) or loaded[-1])
+    original = cli_ask.load_pipeline
+    monkeypatch.setattr(cli_ask, "load_pipeline", lambda *a, **k: loaded.append(original(*a, **k)) or loaded[-1])
     assert cli.main(["ask", str(video), "What happens?", "--model", str(tiny_model_dir), "--reference", "--json",
                      "--max-new-tokens", "2"]) == 0  # fmt: skip
     result = json.loads(capsys.readouterr().out)

@@ -1,8 +1,8 @@
-"""The `tempo` command: ask a question about a video, run the offline demo, convert the released weights.
+"""What the `tempo` commands share: one-line usage errors, the status line, the checks that run
+before any model is loaded or video decoded, the --reference settings, logging, loading the pipeline,
+and the tiny demo model.
 
-Only the standard library is imported until the work starts: `tempo --help`, `tempo ask --help` and
-errors in the command line or its paths come back at once, without loading torch or transformers.
-Every user error is one line on stderr and exit status 2; Ctrl-C is one line and exit status 130.
+Only the standard library at module level: `tempo --help` and argument errors stay instant.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import threading
 import time
 from pathlib import Path
 
-DEMO_QUESTION = "What colour is the video?"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
@@ -78,9 +77,9 @@ def ensure_demo_assets(quiet: bool = False) -> tuple[Path, Path]:
     root = demo_dir()
     model_dir, video = root / "tiny-tempo", root / "demo.mp4"
     if not (model_dir / "config.json").exists():
-        from .processing_tempo import TempoProcessor
-        from .testing_utils import build_tiny_model, build_tiny_tokenizer
-        from .video_processing_tempo import TempoVideoProcessor
+        from ..processing_tempo import TempoProcessor
+        from ..testing_utils import build_tiny_model, build_tiny_tokenizer
+        from ..video_processing_tempo import TempoVideoProcessor
 
         if not quiet:
             print(f"building a tiny random Tempo model in {model_dir} (once)", file=sys.stderr)
@@ -93,7 +92,7 @@ def ensure_demo_assets(quiet: bool = False) -> tuple[Path, Path]:
         os.replace(tmp, model_dir)
         del model
     if not video.exists():
-        from .synthetic import write_test_video
+        from ..synthetic import write_test_video
 
         if not quiet:
             print(f"writing a generated 12-second test video to {video} (once)", file=sys.stderr)
@@ -173,7 +172,7 @@ def check_reference(args) -> None:
 
 def apply_reference(vqa) -> None:
     """The model and processor settings of `reference_settings()` (see --reference)."""
-    from .reference import apply_reference_precision, reference_settings
+    from ..reference import apply_reference_precision, reference_settings
 
     settings = reference_settings()
     apply_reference_precision(vqa.model)
@@ -381,183 +380,6 @@ def load_pipeline(
     return vqa
 
 
-def cmd_ask(args) -> int:
-    check_numbers(args)
-    check_reference(args)
-    questions = ([args.question] if args.question is not None else []) + (getattr(args, "more_questions", None) or [])
-    if not questions:
-        raise UsageError("give a question (after the video, or with -q)")
-    if args.stream and len(questions) > 1:
-        raise UsageError("--stream answers one question; leave it out to ask several (the video is decoded once)")
-    device_map = parse_device_map(args.device_map)
-    if device_map is not None and args.device:
-        raise UsageError("give --device or --device-map, not both")
-    video = check_video(args.video)
-    check_plot(args.plot)
-    demo = args.model is None or is_demo_model(args.model)
-    model = None if args.model is None else check_model(args.model)
-    with Status("loading torch"):
-        check_device(args.device, device_map)
-        from .video_loading import VideoLoadError, load_video
-    if model is None:
-        with Status("preparing the demo model"):
-            model = str(ensure_demo_assets(quiet=args.json)[0])
-
-    load_options = {k: v for k, v in (("fps", args.fps), ("max_frames", args.max_frames)) if v is not None}
-    show_progress = sys.stderr.isatty() and not args.json  # progress bars only on a terminal, never with --json
-    if args.stream:
-        # The model first, then decoding and compression together (a bad video is found after the load).
-        demo_notice(args)
-        vqa = load_pipeline(model, args.device, args.dtype, device_map, args.compile, getattr(args, "reference", False))
-        loaded, decode_s = str(video), None
-        call = {"stream": True, **load_options}
-    else:
-        # Decode first: a bad video fails fast, before the model is loaded.
-        t0 = time.perf_counter()
-        try:
-            loaded = load_video(video, progress=show_progress, **load_options)
-        except VideoLoadError as err:
-            raise UsageError(str(err)) from err
-        decode_s = time.perf_counter() - t0
-        demo_notice(args)
-        vqa = load_pipeline(model, args.device, args.dtype, device_map, args.compile, getattr(args, "reference", False))
-        call = {}
-    call.update(max_new_tokens=args.max_new_tokens, progress=show_progress)
-    if args.min_new_tokens:
-        call["min_new_tokens"] = min(args.min_new_tokens, args.max_new_tokens)
-    if args.temperature:
-        import torch
-
-        torch.manual_seed(args.seed)
-        call.update(do_sample=True, temperature=args.temperature)
-    if args.budget is not None:
-        call["visual_token_budget"] = args.budget
-    if args.no_ata:
-        call["use_ata"] = False
-    try:
-        with Status("answering", enabled=sys.stderr.isatty() and not show_progress):
-            # several questions: one decode (above) and one vision-tower pass, answered in order
-            results = vqa(video=loaded, question=questions if len(questions) > 1 else questions[0], **call)
-    except ValueError as err:  # streaming reads the video inside the call
-        cause = err
-        while cause is not None and not isinstance(cause, VideoLoadError):
-            cause = cause.__cause__
-        if cause is None:
-            raise
-        raise UsageError(str(cause)) from err
-    results = results if isinstance(results, list) else [results]
-    for i, (question, result) in enumerate(zip(questions, results)):
-        if decode_s is not None:
-            result["timings"]["decode"] = decode_s if i == 0 else 0.0  # decoded once, for the first
-        if demo and args.json:  # (on a terminal the notice above and the answer line say it)
-            result.setdefault("warnings", []).append(DEMO_WARNING)
-        results[i] = {"video": str(video), "question": question, "model": model, **result}
-    if args.plot:
-        plot_allocation(results[0], args.plot)
-    if args.json:  # one object; several questions: one object per line, in order
-        print(json.dumps(results[0], indent=2) if len(results) == 1 else "\n".join(map(json.dumps, results)))
-        return 0
-    for result in results:
-        if len(results) > 1:
-            print(f"Q: {result['question']}")
-        print(answer_text(result["answer"], demo))
-    print(summary_text(results[-1]), file=sys.stderr if args.quiet_summary else sys.stdout)
-    return 0
-
-
-DEMO_WARNING = "the model is the tiny random demo model: its answers are noise"
-
-
-def demo_notice(args) -> None:
-    if args.model is None and not args.json:
-        print("no --model given: using the tiny random demo model (its answers are noise)", file=sys.stderr)
-
-
-def answer_text(answer: str, demo: bool) -> str:
-    """The answer as printed; an empty one says so (and why, for the demo model)."""
-    if answer.strip():
-        return answer
-    if demo:
-        return (
-            "answer: '' (empty, as expected: the demo model is random and its greedy answer is usually "
-            "empty; `tempo demo` or --temperature 1 --min-new-tokens 8 samples some of its noise)"
-        )
-    return "answer: '' (the model generated no text)"
-
-
-def summary_text(result: dict) -> str:
-    t = result.get("timings", {})
-    lines = [
-        "",
-        f"video: {result['video']} ({result.get('duration', 0):.1f} s)",
-        f"frames sampled: {result.get('sampled_frames', 0)} at {result.get('real_fps', 0):.2f} fps, "
-        f"segments: {result.get('segments', 0)}",
-        f"visual tokens kept: {result.get('visual_tokens', 0)} "
-        f"({result.get('tokens_per_frame', 0):.2f} per frame)",
-        "time: decode {decode:.2f} s, preprocess {preprocess:.2f} s, compress {compress:.2f} s, answer {answer:.2f} s".format(
-            **{k: t.get(k, 0.0) for k in ("decode", "preprocess", "compress", "answer")}
-        ),
-    ]
-    for warning in result.get("warnings", []):
-        lines.append(f"warning: {warning}")
-    return "\n".join(lines)
-
-
-def plot_allocation(result: dict, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise UsageError("--plot needs matplotlib: pip install 'transformers-tempo[plot]'") from err
-    segments = result.get("segment_details", [])
-    if not segments:
-        raise UsageError("--plot: this input has no video segments to plot")
-    starts = [s["start"] for s in segments]
-    widths = [s["end"] - s["start"] for s in segments]
-    fig, ax = plt.subplots(figsize=(10, 3.5))
-    ax.bar(starts, [s["kept_tokens"] for s in segments], width=widths, align="edge", color="#4C72B0", label="tokens kept")
-    ax.set_xlabel("video time (s)")
-    ax.set_ylabel("tokens kept per segment")
-    twin = ax.twinx()
-    twin.plot([a + w / 2 for a, w in zip(starts, widths)], [s["relevance"] for s in segments], color="#DD8452", marker=".", label="relevance")
-    twin.set_ylabel("relevance score")
-    twin.set_ylim(0, 1)
-    ax.set_title(f"{result.get('visual_tokens', 0)} visual tokens over {len(segments)} segments")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)
-
-
-def cmd_demo(args) -> int:
-    check_numbers(args)
-    check_plot(args.plot)
-    with Status("preparing the demo model"):
-        model_dir, video = ensure_demo_assets(quiet=args.json)
-    if not args.json:
-        print("tempo demo: a tiny RANDOM model (no real weights, no network) answers about a generated video;")
-        print("the answer is noise, the path from video to answer is the real one.\n")
-    args.model, args.video, args.question = str(model_dir), str(video), args.question or DEMO_QUESTION
-    # A random model's greedy answer is often empty or blank; sample a few of its (noise) tokens instead.
-    if args.min_new_tokens is None:
-        args.min_new_tokens = 8
-    if not args.temperature:
-        args.temperature = 1.0
-    return cmd_ask(args)
-
-
-def cmd_batch(args) -> int:
-    from .batch import run_batch
-
-    return run_batch(args)
-
-
-def cmd_convert(args) -> int:
-    from .conversion import run_convert
-
-    return run_convert(args) or 0
-
 
 def add_answer_options(p: argparse.ArgumentParser) -> None:
     """Sampling, ATA and generation options shared by `ask`, `demo` and `batch`."""
@@ -577,22 +399,6 @@ def add_answer_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_ask_options(p: argparse.ArgumentParser) -> None:
-    add_answer_options(p)
-    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
-    p.add_argument("--device-map", default=None, help="spread the model over GPUs: auto, or a JSON {module: device}")
-    p.add_argument("--dtype", default=None, choices=DTYPES, help="the weights' dtype (default: auto, as saved)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--plot", default=None, metavar="FILE.png", help="write the token allocation picture")
-    p.add_argument("--quiet-summary", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument(
-        "--stream",
-        action="store_true",
-        help="compress the video's segments while the file is still decoding (same answer; saves the "
-        "compressor's time on long files); the model is loaded before the video is read",
-    )
-
-
 def add_debug_option(p: argparse.ArgumentParser, top: bool = False) -> None:
     """--debug before or after the subcommand (a subcommand's default must not undo the top-level flag)."""
     p.add_argument(
@@ -602,105 +408,3 @@ def add_debug_option(p: argparse.ArgumentParser, top: bool = False) -> None:
         help="show tracebacks and debug-level log messages",
     )
 
-
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The `tempo` parser. `command`: the subcommand about to run (its options are only added for
-    `convert` when it is the one: they live with the conversion code, which imports torch)."""
-    parser = Parser(prog="tempo", description="Tempo long-video question answering")
-    add_debug_option(parser, top=True)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{ask,demo,batch,convert}")
-
-    ask = sub.add_parser("ask", help="answer a question about a video", description="Answer a question about a video.")
-    ask.add_argument("video", help="video file (mp4, mkv, webm, mov, ...; any format PyAV reads)")
-    ask.add_argument("question", nargs="?", default=None, help="the question, in quotes")
-    ask.add_argument(
-        "-q", "--question", dest="more_questions", action="append", metavar="QUESTION",
-        help="another question about the same video (repeatable): the video is decoded and encoded once",
-    )
-    ask.add_argument("--reference", action="store_true", help=REFERENCE_HELP)
-    ask.add_argument("--model", default=None, help="folder or Hub id of converted Tempo weights (default: the tiny random demo model)")
-    add_ask_options(ask)
-    add_debug_option(ask)
-    ask.set_defaults(func=cmd_ask)
-
-    demo = sub.add_parser(
-        "demo",
-        help="run ask end to end on a tiny random model and a generated video (offline)",
-        description="Build (once) a tiny random Tempo model and a generated video, and answer a question "
-        "about it end to end. The model is random: the answer is noise, the path from file to answer is the real one.",
-    )
-    demo.add_argument("--question", default=None, help=f"the question (default: {DEMO_QUESTION!r})")
-    add_ask_options(demo)
-    add_debug_option(demo)
-    demo.set_defaults(func=cmd_demo)
-
-    from .batch import DESCRIPTION, add_batch_arguments
-
-    batch = sub.add_parser(
-        "batch",
-        help="answer a JSONL file of {id, video, question} items (resumable; accelerate launch for several GPUs)",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_batch_arguments(batch)
-    add_debug_option(batch)
-    batch.set_defaults(func=cmd_batch)
-
-    convert = sub.add_parser(
-        "convert",
-        help="convert the released Tempo-6B checkpoint to this format",
-        description="Convert the released Tempo-6B checkpoint (and the base Qwen3-VL-2B-Instruct) into a "
-        "folder that AutoModel/AutoProcessor load; optionally upload it to the Hub.",
-    )
-    if command == "convert":
-        from .conversion import add_convert_arguments
-
-        add_convert_arguments(convert)
-    add_debug_option(convert)
-    convert.set_defaults(func=cmd_convert)
-    return parser
-
-
-def _subcommand(argv: list[str]) -> str | None:
-    """The subcommand named on the command line (the first word that is not an option)."""
-    for word in argv:
-        if not word.startswith("-"):
-            return word
-    return None
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug, command = "--debug" in argv, _subcommand(argv)
-    try:
-        try:
-            args = build_parser(command).parse_args(argv)
-        except SystemExit as done:  # --help, or an argument error already printed on one line
-            return done.code if isinstance(done.code, int) else 2
-        debug = args.debug
-        configure_logging(debug)
-        return args.func(args)
-    except UsageError as err:
-        if debug:
-            raise
-        print(f"tempo: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        note = " (the answers written so far are kept: run the same command again to resume)" if command == "batch" else ""
-        print(f"tempo: interrupted{note}", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as err:
-        if debug:
-            raise
-        print(f"tempo: error: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    # `python -m transformers_tempo.cli` runs this file as __main__; use the package's copy of it so that
-    # modules importing from .cli (batch.py) raise the UsageError that main() catches.
-    from transformers_tempo.cli import main as package_main
-
-    sys.exit(package_main())

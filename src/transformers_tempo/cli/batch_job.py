@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic_files import atomic_file
 from .common import UsageError
 
 REQUIRED_KEYS = ("id", "video", "question")
@@ -216,14 +217,10 @@ def collect_and_write(output: Path, items: list[dict]) -> dict:
 
 def write_lines_atomically(path: Path, records: list[dict]) -> None:
     """`path` holds `records`, one JSON line each, or (after a crash) what it held before: written
-    to a temporary file, synced, then renamed onto it. (The command's one atomic file write.)"""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    to a temporary file, synced, then renamed onto it (`atomic_files.atomic_file`)."""
+    with atomic_file(path) as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def pending_items(items: list[dict], done: dict, retry_errors: bool) -> list[dict]:

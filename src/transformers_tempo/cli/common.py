@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+from ..atomic_files import atomic_directory, atomic_path
+
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
@@ -83,22 +85,20 @@ def ensure_demo_assets(quiet: bool = False) -> tuple[Path, Path]:
 
         if not quiet:
             print(f"building a tiny random Tempo model in {model_dir} (once)", file=sys.stderr)
-        tmp = root / "tiny-tempo.tmp"
         tokenizer = build_tiny_tokenizer()
         model = build_tiny_model(tokenizer)
         processor = TempoProcessor(video_processor=TempoVideoProcessor(), tokenizer=tokenizer)
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        os.replace(tmp, model_dir)
+        with atomic_directory(model_dir, replace=True) as tmp:  # a half-written folder never shows
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
         del model
     if not video.exists():
         from ..synthetic import write_test_video
 
         if not quiet:
             print(f"writing a generated 12-second test video to {video} (once)", file=sys.stderr)
-        tmp_video = root / "demo.tmp.mp4"
-        write_test_video(tmp_video, num_frames=12 * 24, fps=24, width=320, height=240)
-        os.replace(tmp_video, video)
+        with atomic_path(video) as tmp_video:
+            write_test_video(tmp_video, num_frames=12 * 24, fps=24, width=320, height=240)
     return model_dir, video
 
 

@@ -308,7 +308,7 @@ class TempoModel(TempoPreTrainedModel):
         chunk = compressor_batch_size or self.config.compressor_batch_size
         bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from transformers.utils.logging import tqdm  # honours transformers.utils.logging.disable_progress_bar()
 
             bar = tqdm(total=num_rows, desc="compressing segments", unit="seg", leave=False)
         features = None

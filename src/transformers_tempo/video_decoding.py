@@ -101,7 +101,7 @@ def _decode_wanted(
         slots.setdefault(i, []).append(slot)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from transformers.utils.logging import tqdm  # honours disable_progress_bar()
 
         bar = tqdm(total=len(slots), desc="decoding", unit="frame")
     store = _FrameStore(

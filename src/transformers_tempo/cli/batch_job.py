@@ -320,7 +320,7 @@ def answer_items(vqa, items: list[dict], writer: LineWriter, settings: BatchSett
     decoded once (`VideoDecoder`) before the model call, so a bad video becomes an error line and
     the rest of its batch goes on. Returns counts: {"answered": n, "failed": n}.
     """
-    from tqdm.auto import tqdm
+    from transformers.utils.logging import tqdm  # honours disable_progress_bar()
 
     counts = {"answered": 0, "failed": 0}
     bar = tqdm(total=len(items), desc="answering", unit="video", disable=not progress)

@@ -373,6 +373,9 @@ def load_pipeline(
         except (OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UsageError(f"--model {model}: cannot load a Tempo model from there ({first})") from err
+        # transformers' own loading bars stay hidden (the status line says it is loading); Tempo's
+        # decoding and compression bars share transformers' switch, so turn it back on
+        hf_logging.enable_progress_bar()
         if compile_compressor:
             vqa.model.enable_compiled_inference()
         if reference:

@@ -357,3 +357,28 @@ def test_pipeline_hands_every_ata_option_to_the_model(vqa, tester, monkeypatch):
     options = {"visual_token_budget": 12, "min_tokens_per_segment": 2, "use_ata": True, "token_selection": "tail"}
     vqa(video=tester.frames, question=QUESTION, video_metadata={"fps": 2.0}, max_new_tokens=1, **options)
     assert seen == options
+
+
+def test_every_entry_point_hands_every_allocation_option_to_the_splice(tester, tmp_path, monkeypatch):
+    """model.generate, model(...), generate_streaming and the pipeline (above) all reach the splice
+    with the call's four allocation options (one list: token_allocation.ATA_OPTION_NAMES)."""
+    from transformers_tempo import generate_streaming
+    from transformers_tempo.synthetic import write_test_video
+    from transformers_tempo.token_allocation import ATA_OPTION_NAMES
+
+    seen = []
+    original = TempoModel.prepare_decoder_inputs
+
+    def spy(self, *args, **kwargs):
+        seen.append({name: kwargs.get(name) for name in ATA_OPTION_NAMES})
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TempoModel, "prepare_decoder_inputs", spy)
+    options = {"visual_token_budget": 12, "min_tokens_per_segment": 2, "use_ata": True, "token_selection": "tail"}
+    inputs = tester.inputs()
+    clip = write_test_video(tmp_path / "clip.mp4", num_frames=60, fps=10, width=64, height=48)
+    with torch.no_grad():
+        tester.model.generate(**inputs, max_new_tokens=1, **options)
+        tester.model(**inputs, **options)
+        generate_streaming(tester.model, tester.processor, str(clip), QUESTION, max_new_tokens=1, **options)
+    assert seen == [options] * 3

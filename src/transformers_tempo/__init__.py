@@ -42,6 +42,7 @@ _EXPORTS = {
     "ATA_OPTION_NAMES": "token_allocation",
     "TempoVideoMetadata": "video_loading",
     "VisionFeatures": "modeling_tempo",
+    "VideoChat": "chat",
     "VideoCache": "video_cache",
     "configure_video_cache": "video_cache",
     "default_video_cache": "video_cache",

@@ -331,10 +331,7 @@ class VideoQuestionAnsweringPipeline(Pipeline):
 
 def _layout_only(video):
     """A decoded video as the processor's `PendingVideo`: its prompts and grid, without pixels."""
-    if video is None:
-        return None
-    height, width = video.frames.shape[1:3]
-    return PendingVideo(num_frames=video.num_frames, real_fps=video.real_fps, height=height, width=width)
+    return None if video is None else PendingVideo.layout_of(video)
 
 
 def _none_if_all_none(videos):

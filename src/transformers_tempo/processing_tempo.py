@@ -77,6 +77,13 @@ class PendingVideo:
     height: int
     width: int
 
+    @classmethod
+    def layout_of(cls, video: LoadedVideo) -> PendingVideo:
+        """A decoded video's layout only: its prompts and grid, without pixels (for a compressor
+        that is given the video's vision features, `generate(video_features=...)`)."""
+        height, width = video.frames.shape[1:3]
+        return cls(num_frames=video.num_frames, real_fps=video.real_fps, height=int(height), width=int(width))
+
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 COMPRESSOR_SYSTEM_PROMPT = (
     "You are a query-conditioned visual compressor. "

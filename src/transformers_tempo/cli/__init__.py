@@ -1,7 +1,7 @@
 """The `tempo` command: ask a question about a video, run the offline demo, answer a file of
 questions, convert the released weights.
 
-One module per command (`ask`, `demo`, `batch`, `convert`), what they share in `common`, and the
+One module per command (`ask`, `chat`, `demo`, `batch`, `convert`), what they share in `common`, and the
 batch job itself (no command line) in `batch_job`. Only the standard library is imported until the
 work starts: `tempo --help`, `tempo ask --help` and errors in the command line or its paths come back
 at once, without loading torch or transformers. Every user error is one line on stderr and exit
@@ -14,6 +14,7 @@ import sys
 
 from .ask import add_ask_parser, answer_text
 from .batch import add_batch_parser
+from .chat import add_chat_parser
 from .common import Parser, UsageError, add_debug_option, configure_logging, ensure_demo_assets, parse_device_map
 from .convert import add_convert_parser
 from .demo import add_demo_parser
@@ -26,8 +27,9 @@ def build_parser(command: str | None = None) -> Parser:
     `convert` when it is the one: they live with the conversion code, which imports torch)."""
     parser = Parser(prog="tempo", description="Tempo long-video question answering")
     add_debug_option(parser, top=True)
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{ask,demo,batch,convert}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{ask,chat,demo,batch,convert}")
     add_ask_parser(subparsers)
+    add_chat_parser(subparsers)
     add_demo_parser(subparsers)
     add_batch_parser(subparsers)
     add_convert_parser(subparsers, with_options=command == "convert")

@@ -283,6 +283,42 @@ def test_video_image_and_text_requests_in_one_call(model_dir, task_dir):
     assert all(answers[i] for i in (0, 1, 2, 4))
 
 
+def test_each_video_is_encoded_once_for_all_its_questions(model_dir, task_dir, monkeypatch):
+    """Two videos, three questions each, interleaved, batch size 2: the vision tower runs twice, and the
+    answers equal the plain path's, one question at a time."""
+    from lmms_eval.api.instance import Instance
+    from transformers import AutoModel, AutoProcessor
+
+    from transformers_tempo.modeling_tempo import TempoForConditionalGeneration
+
+    encodes = []
+    original = TempoForConditionalGeneration.encode_video_features
+    monkeypatch.setattr(
+        TempoForConditionalGeneration, "encode_video_features",
+        lambda self, *a, **k: encodes.append(1) or original(self, *a, **k),
+    )
+    model = adapter.Tempo(pretrained=str(model_dir), dtype="float32", batch_size=2)
+    videos = [str(task_dir / "videos" / "green.mp4"), str(task_dir / "videos" / "red.mp4")]
+    questions = ["What colour is it?", "What is shown?", "Describe the scene."]
+    docs = [{"visual": [videos[i % 2]], "q": questions[i // 2]} for i in range(6)]
+    model.task_dict = {"t": {"test": docs}}
+    requests = [
+        Instance("generate_until", (doc["q"], {"max_new_tokens": 8}, lambda d: d["visual"], i, "t", "test"), idx=0,
+                 metadata={"task": "t", "doc_id": i, "repeats": 1})
+        for i, doc in enumerate(docs)
+    ]  # fmt: skip
+    answers = model.generate_until(requests)
+    assert len(encodes) == 2
+
+    plain = AutoModel.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    for doc, answer in zip(docs, answers):
+        inputs = processor(text=doc["q"], videos=load_video(doc["visual"][0]))
+        out = plain.generate(**inputs, max_new_tokens=8, do_sample=False)
+        expected = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
+        assert answer == expected
+
+
 def test_stop_strings_cut_the_answer():
     assert adapter._cut_at("B. red\n\nC. green", ["\n\n", "C."]) == "B. red"
     assert adapter._cut_at("A", []) == "A"

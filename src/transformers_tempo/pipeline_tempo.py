@@ -273,34 +273,22 @@ class VideoQuestionAnsweringPipeline(Pipeline):
 
     def _video_features(self, inputs, model_inputs) -> VisionFeatures:
         """The vision tower's output for every video row of `inputs`: once per distinct video of the
-        batch, and taken from the process's video cache when these frames were encoded before.
+        call, and taken from (and given to) the process's video cache for video files.
 
         Always per video (not over the whole batch's rows), so a video's features, and its answers,
         do not depend on what else is in the batch or whether the cache had them.
         """
         cache = default_video_cache()
-        counts = (inputs["input_ids"] == self.model.config.video_token_id).sum(dim=1).tolist()
-        grid, pixels = inputs["video_grid_thw"], inputs.get("pixel_values_videos")
-        offsets = [0] + grid.prod(-1).cumsum(0).tolist()
-        done = model_inputs.get("features_memo", {})
-        done.update(model_inputs["cached_features"])
-        features, row = VisionFeatures(), 0
-        for count, frame_key in zip(counts, model_inputs["frame_keys"]):
-            if not count:
-                continue
-            key = None
-            if frame_key[0] != "object":
+        memo = model_inputs.get("features_memo", {})
+        memo.update(model_inputs["cached_features"])
+
+        def keep(frame_key, features):
+            if frame_key[0] != "object":  # decoded videos handed in have no lasting identity
                 key = cache.features_key(frame_key, self.model, model_inputs["processing"])
-            found = done.get(frame_key)
-            if found is None:
-                rows = pixels[offsets[row] : offsets[row + count]]
-                found = self.model.encode_video_features(rows, grid[row : row + count])
                 if key is not None:
-                    cache.features.put(key, found)
-            done[frame_key] = found
-            features = features + found
-            row += count
-        return features
+                    cache.features.put(key, features)
+
+        return vision_features_per_video(self.model, inputs, model_inputs["frame_keys"], memo, on_new=keep)
 
     def postprocess(self, model_outputs):
         output, prepared, videos = model_outputs["output"], model_outputs["prepared"], model_outputs["videos"]
@@ -327,6 +315,34 @@ class VideoQuestionAnsweringPipeline(Pipeline):
             result["timings"] = model_outputs["times"].as_dict()
             results.append(result)
         return results
+
+
+def vision_features_per_video(model, inputs, video_keys, memo: dict, on_new=None) -> VisionFeatures:
+    """`VisionFeatures` for every video row of the processor's `inputs`, in row order.
+
+    `video_keys` names each sample's video (None for a sample without one); samples with equal keys
+    share one encoding. `memo` (key -> features) is read and filled, so a caller can keep it across
+    calls; `on_new(key, features)` is told of each new encoding. Each video is encoded on its own,
+    with the chunking of a single-question call, so its features do not depend on the batch.
+    """
+    counts = (inputs["input_ids"] == model.config.video_token_id).sum(dim=1).tolist()
+    grid, pixels = inputs["video_grid_thw"], inputs.get("pixel_values_videos")
+    offsets = [0] + grid.prod(-1).cumsum(0).tolist()
+    features, row = VisionFeatures(), 0
+    for count, key in zip(counts, video_keys):
+        if not count:
+            continue
+        found = memo.get(key)
+        if found is None:
+            if pixels is None:
+                raise ValueError("a video's vision features are neither known nor computable: its pixels are missing")
+            found = model.encode_video_features(pixels[offsets[row] : offsets[row + count]], grid[row : row + count])
+            memo[key] = found
+            if on_new is not None:
+                on_new(key, found)
+        features = features + found
+        row += count
+    return features
 
 
 def _layout_only(video):

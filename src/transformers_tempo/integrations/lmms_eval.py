@@ -46,6 +46,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoProcessor
 
 from transformers_tempo import load_video
+from transformers_tempo.pipeline_tempo import vision_features_per_video
+from transformers_tempo.processing_tempo import PendingVideo
 from transformers_tempo.reference import apply_reference_precision, reference_settings
 
 # The released evaluation settings (TEMPO: greedy, 16 new tokens, 2 fps, 8..1024 frames, budget 8K).
@@ -368,9 +370,15 @@ class Tempo(lmms):
         # On a GPU: resize and patchify there, keep the patches in pinned host memory (the model
         # uploads them a chunk at a time), as the video-question-answering pipeline does.
         pixel_options = {"device": self.device, "pixel_device": "cpu", "pixel_dtype": self.model.dtype} if on_gpu else {}
+        keys = [entry.visual.key for entry in entries]
+        # Requests come grouped by video: keep only the features of the videos now being asked about.
+        self._vision_memo = {key: f for key, f in getattr(self, "_vision_memo", {}).items() if key in keys}
+        videos = [frames for _, frames in loaded]
+        if kind == "video" and all(key in self._vision_memo for key in keys):
+            videos = [PendingVideo.layout_of(video) for video in videos]  # encoded already: no pixels needed
         inputs = self.processor(
             text=[entry.context for entry in entries],
-            videos=[frames for _, frames in loaded] if kind == "video" else None,
+            videos=videos if kind == "video" else None,
             images=[entry.visual.source for entry in entries] if kind == "image" else None,
             return_tensors="pt",
             **pixel_options,
@@ -384,6 +392,8 @@ class Tempo(lmms):
             ata["min_tokens_per_segment"] = self.min_tokens_per_segment
         generate_kwargs, until = self._generation_options(entries[0].gen_kwargs)
         with torch.inference_mode():
+            if kind == "video":  # the vision tower runs once per video, whatever the number of questions
+                ata["video_features"] = vision_features_per_video(self.model, inputs, keys, self._vision_memo)
             prepared = self.model.prepare_generation_inputs(**inputs, **ata)
             new_tokens = self.model.generate(decoder_inputs=prepared, **generate_kwargs)  # only the new tokens
         return [_cut_at(text, until).strip() for text in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -82,6 +82,9 @@ def test_frame_keys_follow_the_file_and_the_options_that_change_frames(clip, tmp
     os.utime(clip, ns=(1, 1))
     assert cache.frames_key(str(clip), {"fps": 2.0}) != key
     assert VideoCache(enabled=False).frames_key(str(clip), {}) is None
+    from transformers.video_utils import VideoMetadata  # an unhashable option still makes a key
+
+    assert cache.frames_key(str(clip), {"video_metadata": VideoMetadata(total_num_frames=4, fps=2.0)}) is not None
 
 
 # ------------------------------------------------------------------ decoding once

@@ -138,6 +138,10 @@ def _freeze(options: dict) -> tuple:
             return tuple(frozen(v) for v in value)
         if isinstance(value, (torch.device, torch.dtype)):
             return str(value)
+        try:
+            hash(value)
+        except TypeError:  # e.g. a VideoMetadata: its text stands for it
+            return repr(value)
         return value
 
     return frozen({k: v for k, v in options.items() if v is not None})

@@ -885,7 +885,10 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
                         "by splicing the compressed video into the prompt; give input_ids and the visual inputs"
                     )
             if inputs_embeds is not None:  # a text-only prompt given as embeddings, as for any decoder
-                decoder_inputs = DecoderInputs(inputs_embeds, attention_mask, None, None, None, None)
+                decoder_inputs = DecoderInputs(
+                    inputs_embeds, attention_mask, labels=None, relevance_scores=None, token_allocation=None,
+                    segment_sample_index=None,
+                )
             else:
                 decoder_inputs = self.prepare_generation_inputs(
                     input_ids,

@@ -95,7 +95,7 @@ def cmd_ask(args) -> int:
         demo_notice(args)
         vqa = load_pipeline(model, args.device, args.dtype, device_map, args.compile, args.reference)
         call = {}
-    call.update(_generation_options(args), progress=show_progress)
+    call.update(generation_options(args), progress=show_progress)
     with Status("answering", enabled=sys.stderr.isatty() and not show_progress):
         results = _answer(vqa, loaded, questions, call)
     for i, (question, result) in enumerate(zip(questions, results)):
@@ -120,7 +120,7 @@ def _questions(args) -> list[str]:
     return questions
 
 
-def _generation_options(args) -> dict:
+def generation_options(args) -> dict:
     """The pipeline options of --max-new-tokens, --min-new-tokens, --temperature, --budget, --no-ata."""
     call = {"max_new_tokens": args.max_new_tokens}
     if args.min_new_tokens:

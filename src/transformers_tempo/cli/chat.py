@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .ask import _generation_options, demo_notice
+from .ask import demo_notice, generation_options
 from .common import (
     DTYPES,
     Status,
@@ -57,7 +57,7 @@ def cmd_chat(args) -> int:
             model = str(ensure_demo_assets(quiet=True)[0])
     demo_notice(args)
     vqa = load_pipeline(model, args.device, args.dtype, None, args.compile)
-    chat = VideoChat(vqa.model, vqa.processor, loaded, **_generation_options(args))
+    chat = VideoChat(vqa.model, vqa.processor, loaded, **generation_options(args))
     if sys.stdin.isatty():
         print(f"{video}: {loaded.num_frames} frames sampled; ask away ('exit' ends)", file=sys.stderr)
     for line in sys.stdin:

@@ -132,13 +132,44 @@ def timed_generate(model, prepared, device, new_tokens, via_tempo_forward=False,
     return first, rate, total, out
 
 
-def profile_decode(model, prepared, device, out_dir: Path, new_tokens: int) -> Path:
+GRAPHED_MODES = {"graphed": "compiled", "graphed-eager": "eager"}
+
+
+def timed_answer(model, prepared, device, new_tokens, **extra):
+    """`timed_generate` without a streamer (which syncs every step and switches the graphed loop
+    off): the first token's time is that of a one-token answer, the decoding rate that of the
+    remaining tokens. No end
+    token stops it (eos_token_id=None), so every answer has `new_tokens` tokens."""
+    common = dict(do_sample=False, eos_token_id=None, **extra)
+    t0 = now(device)
+    model.generate(decoder_inputs=prepared, max_new_tokens=1, **common)
+    first = now(device) - t0
+    t0 = now(device)
+    out = model.generate(decoder_inputs=prepared, max_new_tokens=new_tokens, **common)
+    total = now(device) - t0
+    rate = (out.shape[1] - 1) / (total - first) if out.shape[1] > 1 and total > first else 0.0
+    return first, rate, total, out
+
+
+def first_difference(a, b) -> int | None:
+    """None when two answers are the same tokens, else the index of the first differing token."""
+    n = min(a.shape[1], b.shape[1])
+    differs = (a[:, :n].cpu() != b[:, :n].cpu()).any(0).nonzero()
+    if len(differs):
+        return int(differs[0, 0])
+    return None if a.shape[1] == b.shape[1] else n
+
+
+def profile_decode(model, prepared, device, out_dir: Path, new_tokens: int, mode: str = "static") -> Path:
+    """Profile one static-cache answer: transformers' loop ("static") or a graphed mode."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    model.graphed_decoding = GRAPHED_MODES.get(mode, False)
     with profile(activities=activities) as prof:
-        timed_generate(model, prepared, device, new_tokens, cache_implementation="static")
-    path = out_dir / "profile-decode.txt"
+        timed_answer(model, prepared, device, new_tokens, cache_implementation="static")
+    model.graphed_decoding = "compiled"
+    path = out_dir / f"profile-decode-{mode}.txt"
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     path.write_text(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
     return path
@@ -253,17 +284,35 @@ def run_workload(model, processor, frames_count, args, device):
         row["visual_tokens"] = int(prepared.token_allocation.sum())
         row["decoder_len"] = int(prepared.inputs_embeds.shape[1])
 
+        answers = {}
         for mode in args.decode_modes:
-            extra = {"cache_implementation": "static"} if mode == "static" else {}
-            # warm-up with the same shapes (the static cache's length follows max_new_tokens)
-            timed_generate(model, prepared, device, args.new_tokens, **extra)
+            extra = {"cache_implementation": "static"} if mode != "dynamic" else {}
+            model.graphed_decoding = GRAPHED_MODES.get(mode, False)
+            timer = timed_answer  # no streamer: it would sync every step (and switch the graphed loop off)
+            try:  # warm-up with the same shapes (the static cache's length follows max_new_tokens)
+                timer(model, prepared, device, args.new_tokens, **extra)
+            except Exception as error:  # noqa: BLE001 - a failing mode is a result, not the end of the run
+                row[f"error_{mode}"] = f"{type(error).__name__}: {error}"[:2000]
+                print(f"decode mode {mode} failed: {row[f'error_{mode}']}", flush=True)
+                continue
             reset_peak(device)
-            first, rate, total, out = timed_generate(model, prepared, device, args.new_tokens, **extra)
+            first, rate, total, out = timer(model, prepared, device, args.new_tokens, **extra)
+            answers[mode] = out
             row[f"prefill_{mode}_s"] = first
             row[f"generate_{mode}_s"] = total
             row[f"decode_{mode}_tokens_per_s"] = rate
             row["generate_peak_gib"] = max(row.get("generate_peak_gib", 0.0), peak_gib(device))
-        best = min(args.decode_modes, key=lambda m: row[f"generate_{m}_s"])
+            if mode in GRAPHED_MODES and args.long_answer:
+                _, long_rate, long_total, long_out = timer(model, prepared, device, args.long_answer, **extra)
+                row[f"answer_{args.long_answer}_tokens_{mode}_s"] = long_total
+                row[f"answer_{args.long_answer}_tokens_{mode}_tokens_per_s"] = long_rate
+                row[f"answer_{args.long_answer}_tokens_{mode}_produced"] = int(long_out.shape[1])
+        for mode, out in answers.items():  # greedy tokens against the eager (dynamic) and compiled (static) loops
+            for other in ("dynamic", "static"):
+                if other in answers and other != mode:
+                    row[f"same_tokens_{mode}_vs_{other}"] = first_difference(out, answers[other])
+        model.graphed_decoding = "compiled"
+        best = min(answers, key=lambda m: row[f"generate_{m}_s"])
         row["decode_mode"] = best
         row["prefill_s"] = row[f"prefill_{best}_s"]
         row["prefill_peak_gib"] = row["generate_peak_gib"]
@@ -278,7 +327,8 @@ def run_workload(model, processor, frames_count, args, device):
                 row[f"tempo_forward_decode_{mode}_tokens_per_s"] = rate
                 row[f"tempo_forward_decode_{mode}_same_tokens"] = bool(torch.equal(old[:, -out.shape[1]:], out))
         if args.profile_decode and frames_count == args.frames_for_profile:
-            print(f"wrote {profile_decode(model, prepared, device, Path(args.out), args.new_tokens)}", flush=True)
+            for mode in set(args.decode_modes) - {"dynamic"}:
+                print(f"wrote {profile_decode(model, prepared, device, Path(args.out), args.new_tokens, mode)}", flush=True)
 
         if args.compare_stock:  # the same compressor pass with the stock transformers code paths
             model.model.set_fast_paths(False)
@@ -368,7 +418,7 @@ def run_file_workload(model, processor, path, args, device):
         pixels = inputs.pop("pixel_values_videos")
         inputs = inputs.to(device)
         times["preprocess_s"] = now(device) - t1
-        extra = {"cache_implementation": "static"} if "static" in args.decode_modes else {}
+        extra = {"cache_implementation": "static"} if set(args.decode_modes) - {"dynamic"} else {}
         with torch.inference_mode():
             model.generate(**inputs, pixel_values_videos=pixels, max_new_tokens=args.new_tokens,
                            visual_token_budget=args.budget, **extra)
@@ -389,7 +439,7 @@ def run_file_workload(model, processor, path, args, device):
 
 def stream_file_to_answer(model, processor, path, args, device) -> dict:
     """File -> answer with the compressor working while the file decodes (`compress_streaming`)."""
-    extra = {"cache_implementation": "static"} if "static" in args.decode_modes else {}
+    extra = {"cache_implementation": "static"} if set(args.decode_modes) - {"dynamic"} else {}
     t0 = now(device)
     streamed = compress_streaming(
         model, processor, path, QUESTION, compressor_batch_size=args.compressor_batch_size,
@@ -476,7 +526,9 @@ def main(argv=None):
     p.add_argument("--compressor-batch-size", type=int, default=None)
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--gpu-preprocess", action="store_true", help="preprocess frames on the GPU")
-    p.add_argument("--decode-modes", nargs="+", default=["dynamic"], choices=["dynamic", "static"],
+    p.add_argument("--long-answer", type=int, default=None, metavar="TOKENS",
+                   help="with a graphed decode mode: also time an answer of this many tokens")
+    p.add_argument("--decode-modes", nargs="+", default=["dynamic"], choices=["dynamic", "static", "graphed", "graphed-eager"],
                    help="KV cache for decoding; 'static' compiles the decode step (CUDA graphs)")
     p.add_argument("--flops", action="store_true", help="count compressor FLOPs (one extra pass)")
     p.add_argument("--compare-tempo-forward-decode", action="store_true",

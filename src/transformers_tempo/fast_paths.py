@@ -177,7 +177,7 @@ _GQA_WITH_MASK = is_torch_greater_or_equal("2.11", accept_dev=True)
 
 
 def decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """transformers' sdpa attention, except for single-token steps under torch.compile.
+    """transformers' sdpa attention, except for single-token steps under torch.compile or CUDA-graph capture.
 
     Why: with a static cache (compiled decoding) transformers' sdpa path has a mask, so it does not
     pass `enable_gqa`; it copies each layer's whole KV cache n_rep (4) times with `repeat_kv` at every
@@ -186,7 +186,8 @@ def decode_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     float32 reference); generate() 69-78 -> 99 tokens/s. Every other call (prefill, training, eager
     decoding, where transformers already uses `enable_gqa` when it has no mask) is transformers' own.
     """
-    if query.shape[2] != 1 or not _GQA_WITH_MASK or (dropout and module.training) or not torch.compiler.is_compiling():
+    graphed = torch.compiler.is_compiling() or (query.is_cuda and torch.cuda.is_current_stream_capturing())
+    if query.shape[2] != 1 or not _GQA_WITH_MASK or (dropout and module.training) or not graphed:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )

@@ -33,6 +33,7 @@ from .generation_tempo import (
     reject_prompt_positions,
     resolve_ata_options,
 )
+from .graphed_decoding import graphed_greedy_search, wants_graphed_decoding
 from .token_allocation import ATA_OPTION_NAMES, ata_for_samples, select_tokens
 
 logger = logging.get_logger(__name__)
@@ -686,6 +687,10 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
     # Decoding steps are plain Qwen3 steps: `generate(cache_implementation="static")` compiles them.
     _can_compile_fullgraph = True
+    # Greedy decoding with a static cache on CUDA replays each step from one CUDA graph
+    # (`graphed_decoding.graphed_greedy_search`): "compiled" (the step compiled by inductor, then
+    # captured), "eager" (the eager kernels captured) or False (transformers' own loop).
+    graphed_decoding = "compiled"
 
     def __init__(self, config: TempoConfig):
         super().__init__(config)
@@ -914,8 +919,11 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
         if input_ids is not None:
             # The text prompt leads the returned sequences; the decoder reads the spliced embeddings.
             kwargs["input_ids"] = input_ids.to(decoder_inputs.inputs_embeds.device)
+        decoder = self.plain_decoder()
+        if wants_graphed_decoding(decoder, self.generation_config, kwargs):
+            kwargs["custom_generate"] = graphed_greedy_search
         with decode_attention_while_generating(self.config.text_config):
-            output = self.plain_decoder().generate(
+            output = decoder.generate(
                 inputs_embeds=decoder_inputs.inputs_embeds, attention_mask=decoder_inputs.attention_mask, **kwargs
             )
         if isinstance(output, ModelOutput):
@@ -952,6 +960,7 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
             lm.eval()
             self.__dict__["_plain_decoder"] = lm
         lm.generation_config = self.generation_config
+        lm.graphed_decoding = self.graphed_decoding
         lm.training = self.training  # the shared submodules keep their own modes
         return lm
 

@@ -5,10 +5,14 @@ the pixels, independently of the code under test."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
+import subprocess
 import sys
 import threading
 import types
+from pathlib import Path
 
 import av
 import numpy as np
@@ -289,3 +293,50 @@ def test_reference_decodes_with_pyav_and_refuses_nvdec(capsys):
     args = build_parser().parse_args(["ask", "v.mp4", "q", "--reference", "--decode-backend", "nvdec"])
     with pytest.raises(UsageError, match="--decode-backend nvdec"):
         check_reference(args)
+
+
+# ---------------------------------------------------------------------------------------- benchmark
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode_backends.py"
+
+
+@pytest.mark.slow
+def test_bench_tiny_runs_pyav_only_on_cpu(tmp_path):
+    out = tmp_path / "decode.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--tiny", "--folder", str(tmp_path), "--out", str(out)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["duration_s"] == 20.0 and result["nvdec"] == {"skipped": "--tiny measures PyAV only (CPU)"}
+    assert result["pyav"]["frames"] == 40 and result["pyav"]["backend"] == "pyav"  # 20 s at 2 fps
+    assert result["pyav"]["full_decode"]["frames"] == 151  # every frame of 0..5 s at 30 fps, both ends in
+    assert json.loads(done.stdout) == result
+
+
+def test_bench_nvdec_measurements_run_with_the_fake_library(fake, video):
+    spec = importlib.util.spec_from_file_location("bench_decode_backends", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--decoders", "1,2", "--frames", "12", "--full-seconds", "1"])
+    pyav = load_video(video, fps=2.0, max_frames=12, backend="pyav")
+    out = bench.measure_nvdec(str(video), args, pyav.frames, duration=3.0, source_fps=30.0)
+    for count in (1, 2):
+        row = out[f"decoders_{count}"]
+        assert row["backend"] == "nvdec" and row["frames"] == pyav.num_frames
+        assert row["stats"]["decoders_created"] == 0  # the second load reuses the first one's decoders
+        assert row["pixels_vs_pyav"]["max_abs"] <= 3
+        assert row["full_decode"]["frames"] == 31  # frames 0..30 (0 s .. 1 s)
+    both = out["both_together"]
+    # 12 frames shared half and half; each 1.5 s clip is raised to min_frames (8) and capped at its share (6)
+    assert "error" not in both and both["frames"] == {"nvdec": 6, "pyav": 6}
+
+
+def test_bench_records_nvdec_errors_instead_of_stopping(monkeypatch, fresh_state, video):
+    monkeypatch.setitem(sys.modules, "PyNvVideoCodec", None)
+    spec = importlib.util.spec_from_file_location("bench_decode_backends", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.measure_nvdec(str(video), bench.parse_args([]), torch.zeros(1), duration=3.0, source_fps=30.0)
+    assert "transformers-tempo[nvdec]" in out["error"]

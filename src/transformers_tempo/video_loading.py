@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from . import video_decoding_nvdec
 from .video_decoding import _decode_wanted
+from .video_decoding_nvdec import BACKENDS, choose_backend, decode_wanted_nvdec, fallback_notice
 from .video_frame_store import _limit_longer_edge
 from .video_metadata import (
     FramesReady,
@@ -153,8 +153,8 @@ def load_video(
         raise ValueError(f"num_workers must be a positive integer or None, got {num_workers!r}")
     if resize_backend not in ("torch", "pil"):
         raise ValueError(f"resize_backend must be 'torch' or 'pil', got {resize_backend!r}")
-    if backend not in video_decoding_nvdec.BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(video_decoding_nvdec.BACKENDS)}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1:
         raise ValueError(f"max_frames must be a positive integer, got {max_frames!r}")
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
@@ -207,7 +207,7 @@ def _load_container(
         def listener(frames, slots):
             on_frames(FramesReady(frames, slots, real_fps))
 
-    decoder, traits = video_decoding_nvdec.choose_backend(backend, source, name, facts, resize_backend)
+    decoder, traits = choose_backend(backend, source, name, facts, resize_backend)
     frames = None
     if decoder == "nvdec":
         frames, stats = _decode_nvdec(
@@ -249,7 +249,7 @@ def _decode_nvdec(source, name, facts, traits, wanted, notes, num_workers, max_l
     """The sampled frames decoded by NVDEC, or (None, None) when it failed and "auto" falls back to PyAV
     (with the fallback notice); forced ("nvdec"), a failure is a `VideoLoadError`."""
     try:
-        frames, stats, nvdec_notes = video_decoding_nvdec.decode_wanted_nvdec(
+        frames, stats, nvdec_notes = decode_wanted_nvdec(
             source, name=name, facts=facts, traits=traits, wanted=wanted, num_workers=num_workers,
             max_longer_edge=max_longer_edge, pin_memory=pin_memory, listener=listener,
         )
@@ -258,7 +258,7 @@ def _decode_nvdec(source, name, facts, traits, wanted, notes, num_workers, max_l
             raise
         if forced:
             raise VideoLoadError(f"{name}: NVDEC decoding failed ({type(error).__name__}: {error})") from error
-        video_decoding_nvdec.fallback_notice(name, f"NVDEC decoding failed ({type(error).__name__}: {error})")
+        fallback_notice(name, f"NVDEC decoding failed ({type(error).__name__}: {error})")
         return None, None
     notes.extend(nvdec_notes)
     return frames, stats

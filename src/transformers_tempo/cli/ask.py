@@ -84,7 +84,8 @@ def cmd_ask(args) -> int:
         demo_notice(args)
         vqa = load_pipeline(model, args.device, args.dtype, device_map, args.compile, args.reference)
         loaded, decode_s = str(video), None
-        call = {"stream": True, **load_options, "decode_backend": load_options.pop("backend")}
+        call = {"stream": True, **{k: v for k, v in load_options.items() if k != "backend"}}
+        call["decode_backend"] = load_options["backend"]  # the pipeline's name for load_video's backend
     else:
         # Decode first: a bad video fails fast, before the model is loaded.
         t0 = time.perf_counter()

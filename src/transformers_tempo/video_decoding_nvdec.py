@@ -402,7 +402,7 @@ def _decode_part(job: _Job, targets: list[int]) -> bool:
             if job.stop.is_set():
                 break
             frames = decoder.get_batch_frames_by_index(asked[start : start + CHUNK_FRAMES])
-            planes = torch.stack([torch.from_dlpack(frame) for frame in frames]).to(job.device)
+            planes = torch.stack([_nv12_plane(frame, job.traits.width) for frame in frames]).to(job.device)
             rgb = _upright_and_sized(job, nv12_to_rgb(planes, job.traits.colorspace, job.traits.full_range))
             job.output.write(rgb, [job.slots[i] for i in targets[start : start + CHUNK_FRAMES]])
     except BaseException:
@@ -411,6 +411,17 @@ def _decode_part(job: _Job, targets: list[int]) -> bool:
     finally:
         _POOL.give_back(decoder, job.gpu_id)
     return created
+
+
+def _nv12_plane(frame, width: int) -> torch.Tensor:
+    """A decoded frame as its (1.5H, W) NV12 plane (DLPack, no copy): the library gives that shape; a
+    trailing unit axis or a flat buffer is folded back."""
+    plane = torch.from_dlpack(frame)
+    if plane.ndim == 3 and plane.shape[-1] == 1:
+        plane = plane[..., 0]
+    elif plane.ndim == 1 and width:
+        plane = plane.reshape(-1, width)
+    return plane
 
 
 def _upright_and_sized(job: _Job, rgb: torch.Tensor) -> torch.Tensor:

@@ -425,7 +425,7 @@ def _nv12_plane(frame, width: int) -> torch.Tensor:
 
 
 def _upright_and_sized(job: _Job, rgb: torch.Tensor) -> torch.Tensor:
-    turns = int(round(job.traits.rotation / 90.0)) % 4
+    turns = round(job.traits.rotation / 90.0) % 4
     if turns:  # counter-clockwise, as the PyAV path
         rgb = torch.rot90(rgb, k=turns, dims=(1, 2)).contiguous()
     if job.max_longer_edge is not None:

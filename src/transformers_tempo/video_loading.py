@@ -253,7 +253,7 @@ def _decode_nvdec(source, name, facts, traits, wanted, notes, num_workers, max_l
             source, name=name, facts=facts, traits=traits, wanted=wanted, num_workers=num_workers,
             max_longer_edge=max_longer_edge, pin_memory=pin_memory, listener=listener,
         )
-    except Exception as error:  # noqa: BLE001 - the library's errors have no common class
+    except Exception as error:  # the library's errors have no common class
         if forced and isinstance(error, VideoLoadError):
             raise
         if forced:

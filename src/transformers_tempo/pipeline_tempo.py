@@ -89,6 +89,10 @@ class VideoQuestionAnsweringPipeline(Pipeline):
     are answered one at a time. It is off by default: measured on H100 machines with an hour-long
     file, it saved 0.6-1.6 s on some and cost 1.2 s on another, and a process's first streamed
     video decoded 2-8 s slower (benchmarks/results, runs 10, 13, 14).
+
+    `decode_backend="auto" | "pyav" | "nvdec"` picks the decoder of video files (`load_video`'s
+    `backend`; "auto" by default). A processor in the exact mode (`resize_backend="pil"`) decodes
+    with PyAV.
     """
 
     _load_processor = True
@@ -103,6 +107,8 @@ class VideoQuestionAnsweringPipeline(Pipeline):
         for name in ("video_metadata", *LOAD_OPTIONS):
             if name in kwargs:
                 preprocess[name] = kwargs.pop(name)
+        if "decode_backend" in kwargs:
+            preprocess["backend"] = kwargs.pop("decode_backend")
         for name in ATA_OPTION_NAMES:
             if name in kwargs:
                 forward[name] = kwargs.pop(name)
@@ -158,7 +164,7 @@ class VideoQuestionAnsweringPipeline(Pipeline):
                 video_metadata=item.get("video_metadata", video_metadata),
                 progress=progress,
                 pin_memory=torch.device(self.device).type == "cuda",  # fast, async upload
-                **load_options,
+                **self._decode_options(load_options),
             )
             try:
                 videos.append(cache.load_video(item["video"], **options))
@@ -192,6 +198,12 @@ class VideoQuestionAnsweringPipeline(Pipeline):
             "frame_keys": frame_keys, "processing": processing, "cached_features": cached,
             "features_memo": features_memo,
         }
+
+    def _decode_options(self, load_options: dict) -> dict:
+        """`load_video`'s options; the exact (PIL) mode also tells the loader, which then decodes with PyAV."""
+        if getattr(self.processor.video_processor, "resize_backend", "torch") == "pil":
+            return {**load_options, "resize_backend": "pil"}
+        return load_options
 
     def _processing_key(self, pixel_dtype) -> dict:
         """What besides the frames and the weights decides a video's vision features."""
@@ -233,7 +245,7 @@ class VideoQuestionAnsweringPipeline(Pipeline):
                 item["video"],
                 item.get("question") or "",
                 video_metadata=item.get("video_metadata", video_metadata),
-                **load_options,
+                **self._decode_options(load_options),
             )
         except ValueError as err:
             raise ValueError(f"video {offset}: {err}") from err

@@ -286,6 +286,7 @@ class TempoProcessor(ProcessorMixin):
         pixel_dtype: torch.dtype | None = None,
         pixel_device: str | torch.device | None = None,
         resize_backend: str | None = None,
+        decode_backend: str | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Inputs for one sample or a batch.
@@ -315,6 +316,8 @@ class TempoProcessor(ProcessorMixin):
                 them a chunk at a time, so GPU memory stays flat in video length.
             resize_backend: "torch" (fast) or "pil" (the released pixels bit for bit); default:
                 the video processor's `resize_backend`.
+            decode_backend: the decoder of video files, `load_video`'s `backend`: "auto" (default),
+                "pyav" or "nvdec" (the GPU's decoder; see `load_video`).
         """
         _refuse_unknown(kwargs, "TempoProcessor")
         samples = self._samples_from_call(text, videos, images, answers, video_metadata)
@@ -337,7 +340,7 @@ class TempoProcessor(ProcessorMixin):
             label_scope=label_scope,
             return_tensors=return_tensors,
             padding_side=padding_side,
-            load_options={"fps": fps, "min_frames": min_frames, "max_frames": max_frames},
+            load_options={"fps": fps, "min_frames": min_frames, "max_frames": max_frames, "backend": decode_backend},
             device=device,
             pixel_options={"dtype": pixel_dtype, "output_device": pixel_device, "resize_backend": resize_backend},
         )
@@ -588,6 +591,9 @@ class TempoProcessor(ProcessorMixin):
                 if not isinstance(video, LoadedVideo):
                     options = {"fps": vp.fps, "min_frames": vp.min_frames, "max_frames": vp.max_frames}
                     options.update({k: v for k, v in load_options.items() if v is not None})
+                    if (pixel_options.get("resize_backend") or vp.resize_backend) == "pil":
+                        # the exact mode: `load_video` then decodes with PyAV, whose pixels it reproduces
+                        options["resize_backend"] = "pil"
                     video = default_video_cache().load_video(
                         video, video_metadata=sample["video_metadata"], **options
                     )

@@ -41,6 +41,7 @@ import torch
 from transformers.utils import logging
 
 from .video_decoding import _decode_wanted
+from .video_decoding_nvdec import BACKENDS, choose_backend, decode_wanted_nvdec, fallback_notice
 from .video_frame_store import _limit_longer_edge
 from .video_metadata import (
     FramesReady,
@@ -92,6 +93,7 @@ def load_video(
     on_frames: Any = None,
     resize_backend: str = "torch",
     clip: tuple[float | None, float | None] | None = None,
+    backend: str = "auto",
 ) -> LoadedVideo:
     """Load and sample a video.
 
@@ -133,6 +135,13 @@ def load_video(
             `min_frames`, `max_frames` apply to the clip; `duration` is the clip's, timestamps
             start at 0 at `start`; `frame_indices` stay indices of the file). Frame ``i`` of the
             file is in the clip when ``start <= i / source_fps <= end``. For files only.
+        backend: the decoder of files: "pyav" (FFmpeg on the CPU), "nvdec" (the GPU's video decoder,
+            through PyNvVideoCodec: `pip install transformers-tempo[nvdec]`; an error says why when it
+            cannot be used) or "auto" (default: NVDEC when the library imports, a CUDA GPU is there,
+            the video is a path and NVDEC decodes its codec; else PyAV, with a notice once per process
+            when the library is installed). Both decode the same sampled frames; their colour
+            conversions differ by a few grey levels. `resize_backend="pil"` always uses PyAV. Frames
+            given directly are not decoded and ignore it.
 
     Raises:
         VideoLoadError: the input is missing, empty, not a video, has no decodable frame,
@@ -144,6 +153,8 @@ def load_video(
         raise ValueError(f"num_workers must be a positive integer or None, got {num_workers!r}")
     if resize_backend not in ("torch", "pil"):
         raise ValueError(f"resize_backend must be 'torch' or 'pil', got {resize_backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1:
         raise ValueError(f"max_frames must be a positive integer, got {max_frames!r}")
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
@@ -170,6 +181,7 @@ def load_video(
         on_frames=on_frames,
         clip=clip,
         resize_backend=resize_backend,
+        backend=backend,
     )
 
 
@@ -179,7 +191,7 @@ def load_video(
 
 def _load_container(
     source, name, *, fps, min_frames, max_frames, num_threads, progress, max_longer_edge, pin_memory=False,
-    num_workers=1, on_frames=None, clip=None, resize_backend="torch",
+    num_workers=1, on_frames=None, clip=None, resize_backend="torch", backend="pyav",
 ) -> LoadedVideo:
     notes: list[str] = []
     reader = _Reader(source, name)
@@ -195,21 +207,30 @@ def _load_container(
         def listener(frames, slots):
             on_frames(FramesReady(frames, slots, real_fps))
 
-    frames, stats = _decode_wanted(
-        reader,
-        stream_number=facts.number,
-        index=facts.index,
-        wanted=wanted,
-        num_workers=num_workers,
-        num_threads=num_threads,
-        notes=notes,
-        progress=progress,
-        max_longer_edge=max_longer_edge,
-        rotation=facts.rotation,
-        pin_memory=pin_memory,
-        listener=listener,
-        resize_backend=resize_backend,
-    )
+    decoder, traits = choose_backend(backend, source, name, facts, resize_backend)
+    frames = None
+    if decoder == "nvdec":
+        frames, stats = _decode_nvdec(
+            source, name, facts, traits, wanted, notes, num_workers, max_longer_edge, pin_memory, listener,
+            forced=backend == "nvdec",
+        )
+        decoder = "nvdec" if frames is not None else "pyav"
+    if frames is None:
+        frames, stats = _decode_wanted(
+            reader,
+            stream_number=facts.number,
+            index=facts.index,
+            wanted=wanted,
+            num_workers=num_workers,
+            num_threads=num_threads,
+            notes=notes,
+            progress=progress,
+            max_longer_edge=max_longer_edge,
+            rotation=facts.rotation,
+            pin_memory=pin_memory,
+            listener=listener,
+            resize_backend=resize_backend,
+        )
     notes = _log_notes(notes)
     return LoadedVideo(
         frames=frames,
@@ -220,8 +241,27 @@ def _load_container(
         total_frames=total,
         warnings=notes,
         stats=stats,
-        video_backend="pyav",
+        video_backend=decoder,
     )
+
+
+def _decode_nvdec(source, name, facts, traits, wanted, notes, num_workers, max_longer_edge, pin_memory, listener, forced):
+    """The sampled frames decoded by NVDEC, or (None, None) when it failed and "auto" falls back to PyAV
+    (with the fallback notice); forced ("nvdec"), a failure is a `VideoLoadError`."""
+    try:
+        frames, stats, nvdec_notes = decode_wanted_nvdec(
+            source, name=name, facts=facts, traits=traits, wanted=wanted, num_workers=num_workers,
+            max_longer_edge=max_longer_edge, pin_memory=pin_memory, listener=listener,
+        )
+    except Exception as error:  # the library's errors have no common class
+        if forced and isinstance(error, VideoLoadError):
+            raise
+        if forced:
+            raise VideoLoadError(f"{name}: NVDEC decoding failed ({type(error).__name__}: {error})") from error
+        fallback_notice(name, f"NVDEC decoding failed ({type(error).__name__}: {error})")
+        return None, None
+    notes.extend(nvdec_notes)
+    return frames, stats
 
 
 # ----------------------------------------------------------------------------------------

@@ -540,7 +540,8 @@ class TempoVideoProcessor(BaseVideoProcessor):
             device, frames_per_segment: as in :meth:`process_video`.
             return_metadata: add the video's `TempoVideoMetadata` as "video_metadata".
             real_fps: frames given with their frame rate: taken as sampled, no metadata needed.
-            load_options: further options of `load_video` (`num_workers`, `num_threads`, ...).
+            load_options: further options of `load_video` (`num_workers`, `num_threads`, `backend`:
+                "auto", "pyav" or "nvdec", ...).
         """
         if return_tensors not in (None, "pt"):
             raise ValueError(f"TempoVideoProcessor returns PyTorch tensors only; got return_tensors={return_tensors!r}")

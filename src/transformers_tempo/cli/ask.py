@@ -77,13 +77,15 @@ def cmd_ask(args) -> int:
             model = str(ensure_demo_assets(quiet=args.json)[0])
 
     load_options = {k: v for k, v in (("fps", args.fps), ("max_frames", args.max_frames)) if v is not None}
+    load_options["backend"] = args.decode_backend
     show_progress = sys.stderr.isatty() and not args.json  # progress bars only on a terminal, never with --json
     if args.stream:
         # The model first, then decoding and compression together (a bad video is found after the load).
         demo_notice(args)
         vqa = load_pipeline(model, args.device, args.dtype, device_map, args.compile, args.reference)
         loaded, decode_s = str(video), None
-        call = {"stream": True, **load_options}
+        call = {"stream": True, **{k: v for k, v in load_options.items() if k != "backend"}}
+        call["decode_backend"] = load_options["backend"]  # the pipeline's name for load_video's backend
     else:
         # Decode first: a bad video fails fast, before the model is loaded.
         t0 = time.perf_counter()

@@ -149,6 +149,7 @@ def run_batch(args) -> int:
         batch_size=args.batch_size,
         retry_errors=args.retry_errors,
         base_dir=Path(args.input).resolve().parent,
+        decode_backend=args.decode_backend,
     )
     progress = sys.stderr.isatty() and not args.json
     summary = run(

@@ -72,6 +72,7 @@ class BatchSettings:
     # decoded frames kept for later items of the same video (see VideoDecoder); 4 GiB holds a few
     # 1024-frame videos at the processor's size
     max_held_bytes: int = 4 * 1024**3
+    decode_backend: str = "auto"  # load_video's backend: auto, pyav or nvdec
 
 
 # ------------------------------------------------------------------------------------- input
@@ -266,6 +267,7 @@ class VideoDecoder:
             # shrink while decoding with the processor's own kernel, so that the exact (PIL) mode stays exact
             "resize_backend": getattr(video_processor, "resize_backend", "torch"),
             "pin_memory": str(getattr(vqa, "device", "cpu")).startswith("cuda"),  # page-locked frames upload fast
+            "backend": settings.decode_backend,
         }
         self.base_dir, self.max_held_bytes = settings.base_dir, settings.max_held_bytes
         self.items_left = Counter(self.key(item, options) for item, options in ready)

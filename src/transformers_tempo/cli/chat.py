@@ -48,6 +48,7 @@ def cmd_chat(args) -> int:
         from ..chat import VideoChat
         from ..video_loading import VideoLoadError, load_video
     load_options = {k: v for k, v in (("fps", args.fps), ("max_frames", args.max_frames)) if v is not None}
+    load_options["backend"] = args.decode_backend
     try:
         loaded = load_video(video, **load_options)
     except VideoLoadError as err:

@@ -142,6 +142,8 @@ def check_numbers(args) -> None:
         raise UsageError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
 
 
+DECODE_BACKENDS = ("auto", "pyav", "nvdec")  # load_video's `backend` (kept here: the CLI imports no torch early)
+
 REFERENCE_HELP = (
     "reproduce the released model's outputs (for benchmark numbers): bfloat16 weights rounded as the "
     "released scripts round them, PIL resizing, 2 fps and 8-1024 frames, ATA at budget 8192 (or --budget), "
@@ -161,11 +163,13 @@ def check_reference(args) -> None:
         "--fps other than 2": args.fps not in (None, 2.0),
         "--max-frames other than 1024": args.max_frames not in (None, 1024),
         "--dtype other than bfloat16": args.dtype not in (None, "bfloat16"),
+        "--decode-backend nvdec": getattr(args, "decode_backend", "auto") == "nvdec",
     }
     given = [name for name, value in refused.items() if value]
     if given:
         raise UsageError(f"--reference computes the released function: leave out {', '.join(given)}")
     args.dtype, args.fps, args.max_frames = "bfloat16", 2.0, 1024
+    args.decode_backend = "pyav"  # the released pixels come from FFmpeg's colour conversion
     if args.budget is None:
         args.budget = 8192
 
@@ -394,6 +398,14 @@ def add_answer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-new-tokens", type=int, default=None, help="generate at least this many tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default: greedy)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    p.add_argument(
+        "--decode-backend",
+        default="auto",
+        choices=DECODE_BACKENDS,
+        help="video decoder: pyav (FFmpeg on the CPU), nvdec (the GPU's video decoder; needs "
+        "'pip install transformers-tempo[nvdec]' and a CUDA GPU) or auto (default: nvdec when it can "
+        "decode the file, else pyav, saying why once); --reference always uses pyav",
+    )
     p.add_argument(
         "--compile",
         action="store_true",

@@ -31,7 +31,6 @@ longvideobench_val_v) are all generation tasks scored from the answer's option l
 
 from __future__ import annotations
 
-import inspect
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from transformers_tempo import load_video
 from transformers_tempo.pipeline_tempo import vision_features_per_video
 from transformers_tempo.processing_tempo import PendingVideo
 from transformers_tempo.reference import apply_reference_precision, reference_settings
+from transformers_tempo.video_decoding_nvdec import BACKENDS as DECODE_BACKENDS
 
 # The released evaluation settings (TEMPO: greedy, 16 new tokens, 2 fps, 8..1024 frames, budget 8K).
 RELEASED_SETTINGS = {
@@ -158,7 +158,8 @@ class Tempo(lmms):
             lmms-eval's own --batch_size (the CLI passes it; giving it in --model_args too is an error).
         compile: compile the compressor and decode with a static cache (GPU; pays off over
             long runs).
-        decode_backend: video decoder (auto: PyAV in this version).
+        decode_backend: video decoder: auto (NVDEC when it can decode the file, else PyAV), pyav or
+            nvdec (`load_video`'s backend); reference=true decodes with PyAV.
         reference: reproduce the released bfloat16 function (rotary buffers rounded as the
             released scripts do, and the exact PIL resize where this version has it).
     """
@@ -209,7 +210,7 @@ class Tempo(lmms):
         reference = _flag(reference, "reference")
         if reference and str(dtype) != "bfloat16":
             raise ValueError("model arg reference=true reproduces the released bfloat16 run: leave dtype at bfloat16")
-        self.load_options = self._decode_options(str(decode_backend))
+        self.load_options = self._decode_options(str(decode_backend), reference)
 
         on_cpu = (device is not None and str(device).startswith("cpu")) or not torch.cuda.is_available()
         self.accelerator = Accelerator(cpu=on_cpu)
@@ -324,14 +325,14 @@ class Tempo(lmms):
             return _Entry(index, context, gen_kwargs, None, where, f"the task could not give its visuals ({type(err).__name__}: {err})")
         return _Entry(index, context, gen_kwargs, visual, where)
 
-    def _decode_options(self, backend: str) -> dict:
-        if backend not in ("auto", "pyav"):
-            if "backend" not in inspect.signature(load_video).parameters:
-                raise ValueError(f"model arg decode_backend={backend}: this version decodes with PyAV only (auto or pyav)")
-        options = {"fps": None, "min_frames": None, "max_frames": None}  # filled in _load
-        if "backend" in inspect.signature(load_video).parameters:
-            options["backend"] = backend
-        return options
+    @staticmethod
+    def _decode_options(backend: str, reference: bool = False) -> dict:
+        """`load_video`'s backend option: auto, pyav or nvdec; reference=true decodes with PyAV."""
+        if backend not in DECODE_BACKENDS:
+            raise ValueError(f"model arg decode_backend must be one of {', '.join(DECODE_BACKENDS)}, got {backend!r}")
+        if reference and backend == "nvdec":
+            raise ValueError("model arg reference=true reproduces the released pixels (PyAV): leave out decode_backend=nvdec")
+        return {"backend": "pyav" if reference else backend}
 
     def _load(self, visual: Visual):
         """Decode and sample one video (runs on the decoding thread)."""

@@ -72,7 +72,7 @@ def make_files(folder: Path, count: int, minutes: float, width: int, height: int
 def ask(vqa, path, question, args) -> float:
     t0 = now(vqa.device)
     vqa(video=str(path), question=question, max_new_tokens=args.new_tokens, visual_token_budget=args.budget,
-        max_frames=args.max_frames)
+        max_frames=args.max_frames, decode_backend=args.decode_backend)
     return now(vqa.device) - t0
 
 
@@ -95,7 +95,7 @@ def run_cache_on(vqa, files, args, together: bool) -> dict:
         if together:
             t1 = now(vqa.device)
             vqa(video=str(path), question=questions, batch_size=args.batch_size, max_new_tokens=args.new_tokens,
-                visual_token_budget=args.budget, max_frames=args.max_frames)
+                visual_token_budget=args.budget, max_frames=args.max_frames, decode_backend=args.decode_backend)
             first.append(now(vqa.device) - t1)
             continue
         first.append(ask(vqa, path, questions[0], args))
@@ -122,34 +122,55 @@ def warm_up(vqa, files, args):
     default_video_cache().clear()
 
 
+def profile_later_question(vqa, files, args) -> str:
+    """cProfile of one question about a file whose frames and vision features are cached: where a
+    later question's time goes (functions by cumulative time; the GPU work shows up where it syncs)."""
+    import cProfile
+    import io
+    import pstats
+
+    ask(vqa, files[0], QUESTIONS[0], args)  # cached from here on
+    profiler = cProfile.Profile()
+    profiler.enable()
+    seconds = ask(vqa, files[0], QUESTIONS[1], args)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
+    return f"one later question: {seconds:.3f} s under cProfile\n" + text.getvalue()
+
+
 def markdown(results: dict) -> str:
-    on, off, together = results["cache_on"], results["cache_off"], results.get("cache_on_together")
     lines = [
         f"# Many questions about long files ({results['machine']}, {results['date']}, commit {results['commit']})",
         "",
-        f"{on['files']} files x {results['questions_per_file']} questions, {results['minutes']} min each, "
+        f"{results['questions_per_file']} questions per file, {results['minutes']} min each, "
         f"{results['width']}x{results['height']} H.264, {results['max_frames']} frames, budget {results['budget']}, "
         f"{results['new_tokens']} new tokens.",
         "",
-        "| mode | questions | s/question | questions/min | first question s | later question s |",
-        "| --- | --- | --- | --- | --- | --- |",
-        f"| cache off (every question decodes) | {off['questions']} | {off['seconds_per_question']:.2f} | "
-        f"{60 / off['seconds_per_question']:.1f} | | |",
-        f"| cache on, one question at a time | {on['questions']} | {on['seconds_per_question']:.2f} | "
-        f"{on['questions_per_minute']:.1f} | {on['first_question_s']:.2f} | {on['later_question_s'] or 0:.2f} |",
+        "| mode | decoder | questions | s/question | questions/min | first question s | later question s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    if together:
+    for mode, row in results.items():
+        if not mode.startswith("cache_") or not isinstance(row, dict):
+            continue
+        if "error" in row:
+            lines.append(f"| {mode} | {row['decode_backend']} | failed: {row['error'][:120]} | | | | |")
+            continue
+        per_minute = row.get("questions_per_minute", 60 / row["seconds_per_question"])
+        first, later = row.get("first_question_s"), row.get("later_question_s")
         lines.append(
-            f"| cache on, a file's questions in one call | {together['questions']} | "
-            f"{together['seconds_per_question']:.2f} | {together['questions_per_minute']:.1f} | | |"
+            f"| {mode} | {row['decode_backend']} | {row['questions']} | {row['seconds_per_question']:.2f} | "
+            f"{per_minute:.1f} | {'' if first is None else f'{first:.2f}'} | {'' if later is None else f'{later:.2f}'} |"
         )
-    lines += [
-        "",
-        f"Cache after the run: frames {on['cache']['frames']['bytes'] / 2**30:.2f} GiB, vision features "
-        f"{on['cache']['features']['bytes'] / 2**30:.2f} GiB ({on['cache']['frames']['entries']} / "
-        f"{on['cache']['features']['entries']} entries). Peak GPU memory {results['peak_gpu_gib']:.1f} GiB, "
-        f"peak host RSS {results['peak_host_gib']:.1f} GiB.",
-    ]
+    on = results.get("cache_on", {})
+    if "cache" in on:
+        lines += [
+            "",
+            f"Cache after the run: frames {on['cache']['frames']['bytes'] / 2**30:.2f} GiB, vision features "
+            f"{on['cache']['features']['bytes'] / 2**30:.2f} GiB ({on['cache']['frames']['entries']} / "
+            f"{on['cache']['features']['entries']} entries).",
+        ]
+    lines.append(f"Peak GPU memory {results['peak_gpu_gib']:.1f} GiB, peak host RSS {results['peak_host_gib']:.1f} GiB.")
     return "\n".join(lines) + "\n"
 
 
@@ -168,6 +189,9 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--height", type=int, default=720)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--profile-later", action="store_true", help="also write a cProfile of a later question")
+    parser.add_argument("--decode-backends", nargs="+", default=["auto"], choices=["auto", "pyav", "nvdec"],
+                        help="measure the cache-on mode once per backend (the cache-off mode with the first)")
     parser.add_argument("--workdir", default="/tmp/tempo-questions")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--commit", default=None)
@@ -186,6 +210,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     files = make_files(folder, args.files, args.minutes, args.width, args.height)
     print(f"files ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    args.decode_backend = args.decode_backends[0]
     warm_up(vqa, files, args)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -200,16 +225,26 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     name = "tiny" if args.tiny else results["machine"].replace(" ", "-").lower()
     stem = out / f"questions-{name}-{results['date']}"
-    modes = [("cache_off", lambda: run_cache_off(vqa, files, args)),
-             ("cache_on", lambda: run_cache_on(vqa, files, args, together=False))]
+    modes = [("cache_off", args.decode_backends[0], lambda: run_cache_off(vqa, files, args))]
+    for backend in args.decode_backends:
+        suffix = "" if backend == args.decode_backends[0] else f"_{backend}"
+        modes.append(("cache_on" + suffix, backend, lambda: run_cache_on(vqa, files, args, together=False)))
     if args.together:
-        modes.append(("cache_on_together", lambda: run_cache_on(vqa, files, args, together=True)))
-    for mode, run in modes:  # results written after each mode, so a run cut short keeps what it measured
-        results[mode] = run()
+        modes.append(("cache_on_together", args.decode_backends[0], lambda: run_cache_on(vqa, files, args, together=True)))
+    results["decode_backend"] = args.decode_backends[0]
+    for mode, backend, run in modes:  # results written after each mode, so a run cut short keeps what it measured
+        args.decode_backend = backend
+        try:
+            results[mode] = run()
+        except Exception as error:  # noqa: BLE001 - a failing mode is a result; the others still run
+            results[mode] = {"error": f"{type(error).__name__}: {error}"[:2000]}
+        results[mode]["decode_backend"] = backend
         print(f"{mode}:", results[mode], flush=True)
         results["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
         results["peak_host_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    if args.profile_later:
+        stem.with_name(stem.name + "-later-question-profile.txt").write_text(profile_later_question(vqa, files, args))
     stem.with_suffix(".md").write_text(markdown(results))
     print(markdown(results))
 

@@ -147,20 +147,21 @@ def markdown(results: dict) -> str:
         f"{results['width']}x{results['height']} H.264, {results['max_frames']} frames, budget {results['budget']}, "
         f"{results['new_tokens']} new tokens.",
         "",
-        "| mode | decoder | questions | s/question | questions/min | first question s | later question s |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| mode | decoder | questions | s/question | questions/min | first question s | later question s | peak GPU GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for mode, row in results.items():
         if not mode.startswith("cache_") or not isinstance(row, dict):
             continue
         if "error" in row:
-            lines.append(f"| {mode} | {row['decode_backend']} | failed: {row['error'][:120]} | | | | |")
+            lines.append(f"| {mode} | {row['decode_backend']} | failed: {row['error'][:120]} | | | | | |")
             continue
         per_minute = row.get("questions_per_minute", 60 / row["seconds_per_question"])
         first, later = row.get("first_question_s"), row.get("later_question_s")
         lines.append(
             f"| {mode} | {row['decode_backend']} | {row['questions']} | {row['seconds_per_question']:.2f} | "
-            f"{per_minute:.1f} | {'' if first is None else f'{first:.2f}'} | {'' if later is None else f'{later:.2f}'} |"
+            f"{per_minute:.1f} | {'' if first is None else f'{first:.2f}'} | {'' if later is None else f'{later:.2f}'} | "
+            f"{row['peak_gpu_gib']:.1f} |"
         )
     on = results.get("cache_on", {})
     if "cache" in on:
@@ -234,13 +235,16 @@ def main(argv=None):
     results["decode_backend"] = args.decode_backends[0]
     for mode, backend, run in modes:  # results written after each mode, so a run cut short keeps what it measured
         args.decode_backend = backend
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         try:
             results[mode] = run()
         except Exception as error:  # noqa: BLE001 - a failing mode is a result; the others still run
             results[mode] = {"error": f"{type(error).__name__}: {error}"[:2000]}
         results[mode]["decode_backend"] = backend
+        results[mode]["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
         print(f"{mode}:", results[mode], flush=True)
-        results["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        results["peak_gpu_gib"] = max(row.get("peak_gpu_gib", 0.0) for row in results.values() if isinstance(row, dict))
         results["peak_host_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
     if args.profile_later:

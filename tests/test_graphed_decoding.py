@@ -7,34 +7,54 @@ the attention mask over the static cache's slots, end-of-sequence padding and th
 import pytest
 import torch
 
+from transformers_tempo import graphed_decoding
 from transformers_tempo.graphed_decoding import STOP_CHECK_EVERY, graphed_greedy_search, wants_graphed_decoding
 
 GREEDY = {"do_sample": False, "cache_implementation": "static"}
 
 
-def _both(model, inputs, **gen):
-    model.plain_decoder().__dict__.pop("_graphed_greedy_stepper", None)
-    reference = model.generate(**inputs, **GREEDY, **gen)
-    graphed = model.generate(**inputs, **GREEDY, custom_generate=graphed_greedy_search, **gen)
-    return reference, graphed, model.plain_decoder().__dict__.get("_graphed_greedy_stepper")
+@pytest.fixture
+def steppers(monkeypatch):
+    """The `_GreedyStepper`s the graphed loop makes (none when it falls back to transformers' loop)."""
+    made = []
+    original = graphed_decoding._GreedyStepper.__init__
+
+    def record(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(graphed_decoding._GreedyStepper, "__init__", record)
+    return made
+
+
+@pytest.fixture
+def both(steppers):
+    def run(model, inputs, **gen):
+        steppers.clear()
+        reference = model.generate(**inputs, **GREEDY, **gen)
+        assert not steppers  # the reference is transformers' own loop (on the CPU generate never picks ours)
+        graphed = model.generate(**inputs, **GREEDY, custom_generate=graphed_greedy_search, **gen)
+        return reference, graphed, (steppers[-1] if steppers else None)
+
+    return run
 
 
 @pytest.mark.parametrize("samples", [[2], [2, 1], [1, 3, 0]])
-def test_same_tokens_as_transformers_greedy(tiny_model, hand_inputs, samples):
+def test_same_tokens_as_transformers_greedy(tiny_model, hand_inputs, both, samples):
     inputs = hand_inputs(samples).model_inputs()
-    reference, graphed, stepper = _both(tiny_model, inputs, max_new_tokens=STOP_CHECK_EVERY + 5, eos_token_id=None)
+    reference, graphed, stepper = both(tiny_model, inputs, max_new_tokens=STOP_CHECK_EVERY + 5, eos_token_id=None)
     assert stepper is not None  # the graphed loop ran (no silent fallback)
     assert graphed.shape == reference.shape == (len(samples), inputs["input_ids"].shape[1] + STOP_CHECK_EVERY + 5)
     assert torch.equal(graphed, reference)
 
 
-def test_end_of_sequence_pads_and_cuts_like_transformers(tiny_model, hand_inputs):
+def test_end_of_sequence_pads_and_cuts_like_transformers(tiny_model, hand_inputs, both):
     inputs = hand_inputs([2, 1, 1]).model_inputs()
     prompt = inputs["input_ids"].shape[1]
     free = tiny_model.generate(**inputs, **GREEDY, max_new_tokens=24, eos_token_id=None)[:, prompt:]
     # an end token that row 0 produces early and the other rows later or never
     eos = int(free[0, 2])
-    reference, graphed, stepper = _both(tiny_model, inputs, max_new_tokens=24, eos_token_id=eos, pad_token_id=0)
+    reference, graphed, stepper = both(tiny_model, inputs, max_new_tokens=24, eos_token_id=eos, pad_token_id=0)
     assert stepper is not None
     assert torch.equal(graphed, reference)
     first_end = int((free[0] == eos).nonzero()[0, 0])
@@ -42,40 +62,31 @@ def test_end_of_sequence_pads_and_cuts_like_transformers(tiny_model, hand_inputs
     assert bool((graphed[0, prompt + first_end + 1 :] == 0).all())  # row 0 padded after its end token
 
 
-def test_every_row_ending_stops_early(tiny_model, hand_inputs):
+def test_every_row_ending_stops_early(tiny_model, hand_inputs, both):
     inputs = hand_inputs([2]).model_inputs()
     prompt = inputs["input_ids"].shape[1]
     free = tiny_model.generate(**inputs, **GREEDY, max_new_tokens=8, eos_token_id=None)[:, prompt:]
     eos = int(free[0, 3])
     first = int((free[0] == eos).nonzero()[0, 0])
-    reference, graphed, _ = _both(tiny_model, inputs, max_new_tokens=40, eos_token_id=eos, pad_token_id=0)
+    reference, graphed, _ = both(tiny_model, inputs, max_new_tokens=40, eos_token_id=eos, pad_token_id=0)
     assert graphed.shape[1] == prompt + first + 1 == reference.shape[1]
     assert torch.equal(graphed, reference)
 
 
-def test_return_dict_carries_sequences_and_cache(tiny_model, hand_inputs):
+def test_return_dict_carries_sequences_and_cache(tiny_model, hand_inputs, both):
     inputs = hand_inputs([1]).model_inputs()
-    reference, graphed, _ = _both(tiny_model, inputs, max_new_tokens=6, return_dict_in_generate=True, eos_token_id=None)
+    reference, graphed, _ = both(tiny_model, inputs, max_new_tokens=6, return_dict_in_generate=True, eos_token_id=None)
     assert torch.equal(graphed.sequences, reference.sequences)
     assert graphed.cache is not None
     assert torch.equal(graphed.token_allocation, reference.token_allocation)
 
 
-def test_per_step_python_falls_back_to_transformers(tiny_model, hand_inputs):
+def test_per_step_python_falls_back_to_transformers(tiny_model, hand_inputs, both):
     """Logits processors (here a repetition penalty) need Python per step: transformers' loop runs."""
     inputs = hand_inputs([2]).model_inputs()
-    reference, graphed, stepper = _both(tiny_model, inputs, max_new_tokens=6, repetition_penalty=1.5, eos_token_id=None)
+    reference, graphed, stepper = both(tiny_model, inputs, max_new_tokens=6, repetition_penalty=1.5, eos_token_id=None)
     assert stepper is None
     assert torch.equal(graphed, reference)
-
-
-def test_reused_stepper_gives_the_same_tokens_again(tiny_model, hand_inputs):
-    inputs = hand_inputs([2, 1]).model_inputs()
-    first = tiny_model.generate(**inputs, **GREEDY, custom_generate=graphed_greedy_search, max_new_tokens=7)
-    stepper = tiny_model.plain_decoder().__dict__["_graphed_greedy_stepper"]
-    again = tiny_model.generate(**inputs, **GREEDY, custom_generate=graphed_greedy_search, max_new_tokens=7)
-    assert tiny_model.plain_decoder().__dict__["_graphed_greedy_stepper"] is stepper
-    assert torch.equal(first, again)
 
 
 class _Decoder:
@@ -102,15 +113,17 @@ def test_when_generate_picks_the_graphed_loop(tiny_model, decoder, kwargs, expec
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graph_replay_equals_transformers_loop(tokenizer, hand_inputs):
+def test_cuda_graph_replay_equals_transformers_loop(tokenizer, hand_inputs, steppers):
     from transformers_tempo.testing_utils import build_tiny_model
 
     model = build_tiny_model(tokenizer).to("cuda")
     inputs = {k: v.to("cuda") for k, v in hand_inputs([2, 1]).model_inputs().items()}
-    for mode in ("eager", "compiled"):
-        model.graphed_decoding = False
-        reference = model.generate(**inputs, **GREEDY, max_new_tokens=20)
-        model.graphed_decoding = mode
+    model.graphed_decoding = False
+    reference = model.generate(**inputs, **GREEDY, max_new_tokens=20)
+    assert not steppers
+    model.graphed_decoding = True
+    for _ in range(2):  # a graph per call, each against that call's cache
         graphed = model.generate(**inputs, **GREEDY, max_new_tokens=20)
-        assert model.plain_decoder().__dict__["_graphed_greedy_stepper"].graph is not None
-        assert torch.equal(graphed, reference), mode
+        assert steppers[-1].graph is not None
+        assert torch.equal(graphed, reference)
+    assert len(steppers) == 2

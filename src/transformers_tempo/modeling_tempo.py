@@ -688,9 +688,8 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
     # Decoding steps are plain Qwen3 steps: `generate(cache_implementation="static")` compiles them.
     _can_compile_fullgraph = True
     # Greedy decoding with a static cache on CUDA replays each step from one CUDA graph
-    # (`graphed_decoding.graphed_greedy_search`): "compiled" (the step compiled by inductor, then
-    # captured), "eager" (the eager kernels captured) or False (transformers' own loop).
-    graphed_decoding = "compiled"
+    # (`graphed_decoding.graphed_greedy_search`); False: transformers' own loop.
+    graphed_decoding = True
 
     def __init__(self, config: TempoConfig):
         super().__init__(config)

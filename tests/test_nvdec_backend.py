@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import subprocess
 import sys
-import threading
 import types
 from pathlib import Path
 
@@ -25,8 +23,6 @@ from transformers_tempo.synthetic import decode_frame_index, write_test_video
 from transformers_tempo.video_cache import VideoCache
 from transformers_tempo.video_frame_store import _limit_longer_edge
 from transformers_tempo.video_loading import VideoLoadError, load_video
-
-NOTICE = "PyAV, not NVDEC"
 
 
 def _nv12_planes(path) -> list[np.ndarray]:
@@ -64,10 +60,9 @@ def _fake_library(fail: bool = False):
 
 @pytest.fixture
 def fresh_state(monkeypatch):
-    """A process that has not tried the library yet, kept no decoder and said no notice."""
+    """A process that has not tried the library yet and kept no decoder."""
     monkeypatch.setattr(nvdec, "_library", [])
     monkeypatch.setattr(nvdec, "_POOL", nvdec._DecoderPool())
-    monkeypatch.setattr(nvdec, "_notice_given", threading.Event())
 
 
 @pytest.fixture
@@ -134,6 +129,36 @@ def test_decoders_are_kept_for_the_next_load(fake, video):
     assert torch.equal(first.frames, second.frames)
 
 
+def test_frames_are_converted_a_few_at_a_time_into_the_right_slots(monkeypatch, fake, video):
+    whole = load_video(video, fps=30, max_frames=90, backend="nvdec", num_workers=2)
+    sizes, reported = [], []
+    convert = nvdec.nv12_to_rgb
+
+    def counting(planes, *args):
+        sizes.append(planes.shape[0])
+        return convert(planes, *args)
+
+    monkeypatch.setattr(nvdec, "nv12_to_rgb", counting)
+    monkeypatch.setattr(nvdec, "CONVERT_FRAMES", 5)
+    parts = load_video(
+        video, fps=30, max_frames=90, backend="nvdec", num_workers=2, on_frames=lambda ready: reported.extend(ready.slots)
+    )
+    assert torch.equal(parts.frames, whole.frames) and _indices_in_pixels(parts.frames) == list(range(90))
+    # 2 parts of 90 frames, cut into decoder calls of 32 and conversions of at most 5
+    assert max(sizes) == 5 and sum(sizes) == 90 and len(sizes) >= 90 // 5
+    assert sorted(reported) == list(range(90))
+
+
+def test_the_automatic_decoder_count_grows_with_the_frames_up_to_max_decoders(monkeypatch, fake, video):
+    # a decoder per CHUNK_FRAMES sampled frames: 12 frames -> 1; with 4-frame chunks, 90 frames -> 22,
+    # capped at MAX_DECODERS (7; 8 keyframe ranges of 12 frames are there to share)
+    assert load_video(video, fps=4, backend="nvdec").stats["decoders"] == 1
+    monkeypatch.setattr(nvdec, "CHUNK_FRAMES", 4)
+    many = load_video(video, fps=30, max_frames=90, backend="nvdec")
+    assert nvdec.MAX_DECODERS == 7 and many.stats["decoders"] == 7
+    assert _indices_in_pixels(many.frames) == list(range(90))
+
+
 def test_longer_edge_resize_is_applied_after_conversion(fake, video):
     full = load_video(video, fps=4, backend="nvdec")
     small = load_video(video, fps=4, backend="nvdec", max_longer_edge=64)
@@ -150,14 +175,16 @@ def test_rotation_is_applied_as_in_the_pyav_path(fake, tmp_path):
     assert (gpu.frames.int() - pyav.frames.int()).abs().max() <= 3
 
 
-@pytest.mark.parametrize("colorspace", [1, 2])  # BT.709 tagged, untagged (BT.601)
-def test_nv12_conversion_follows_the_stream_tags_as_ffmpeg_does(tmp_path, colorspace):
+# BT.709 tagged, untagged (BT.601), untagged in full range (JPEG's yuvj420p)
+@pytest.mark.parametrize("colorspace, pix_fmt", [(1, "yuv420p"), (2, "yuv420p"), (2, "yuvj420p")])
+def test_nv12_conversion_follows_the_stream_tags_as_ffmpeg_does(tmp_path, colorspace, pix_fmt):
     from transformers_tempo.synthetic import make_frames
 
-    path = tmp_path / f"cs{colorspace}.mp4"
+    full_range = pix_fmt == "yuvj420p"
+    path = tmp_path / f"cs{colorspace}{pix_fmt}.mp4"
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=30)
-        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = 128, 96, pix_fmt
         stream.codec_context.colorspace = colorspace
         for array in make_frames(4, 128, 96):
             frame = av.VideoFrame.from_ndarray(array, format="rgb24")
@@ -170,19 +197,21 @@ def test_nv12_conversion_follows_the_stream_tags_as_ffmpeg_does(tmp_path, colors
         frames = list(container.decode(video=0))
     planes = torch.from_numpy(np.stack([f.reformat(format="nv12").to_ndarray() for f in frames]))
     expected = torch.from_numpy(np.stack([f.to_ndarray(format="rgb24") for f in frames]))
-    converted = nvdec.nv12_to_rgb(planes, colorspace=colorspace)
+    converted = nvdec.nv12_to_rgb(planes, colorspace=colorspace, full_range=full_range)
     difference = (converted.int() - expected.int()).abs()
     assert difference.max() <= 3 and difference.float().mean() < 1.5  # FFmpeg's fixed-point tables round
-    wrong = nvdec.nv12_to_rgb(planes, colorspace=1 if colorspace == 2 else 2)
-    assert (wrong.int() - expected.int()).abs().max() > 6  # the tag matters: the other matrix is visibly off
+    if full_range:  # the range matters: read as limited range, it is visibly off
+        wrong = nvdec.nv12_to_rgb(planes, colorspace=colorspace, full_range=False)
+    else:  # the tag matters: the other matrix is visibly off
+        wrong = nvdec.nv12_to_rgb(planes, colorspace=1 if colorspace == 2 else 2)
+    assert (wrong.int() - expected.int()).abs().max() > 6
 
 
-def test_auto_without_the_library_is_pyav_silently(monkeypatch, fresh_state, video, caplog):
-    monkeypatch.setitem(sys.modules, "PyNvVideoCodec", None)  # import fails: not installed
-    with caplog.at_level(logging.DEBUG, logger=nvdec.__name__):
-        loaded = load_video(video, fps=4)
-    assert loaded.metadata.video_backend == "pyav"
-    assert not [r for r in caplog.records if NOTICE in r.getMessage()]
+def test_auto_is_pyav_even_where_nvdec_could_decode(fake, video):
+    auto = load_video(video, fps=4)
+    pyav = load_video(video, fps=4, backend="pyav")
+    assert auto.metadata.video_backend == "pyav" and torch.equal(auto.frames, pyav.frames)
+    assert nvdec._library == [] and not fake.decoders  # the library is not even imported
 
 
 def test_nvdec_forced_without_the_library_names_the_extra(monkeypatch, fresh_state, video):
@@ -193,40 +222,26 @@ def test_nvdec_forced_without_the_library_names_the_extra(monkeypatch, fresh_sta
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
-def test_auto_with_the_library_but_no_gpu_is_pyav_with_one_notice(monkeypatch, fake, video, caplog):
+def test_nvdec_forced_without_a_gpu_says_so(monkeypatch, fake, video):
     monkeypatch.setattr(nvdec, "_DEVICE_OVERRIDE", None)  # the real device check: no GPU here
-    with caplog.at_level(logging.WARNING, logger=nvdec.__name__):
-        first, second = load_video(video, fps=4), load_video(video, fps=5)
-    assert first.metadata.video_backend == second.metadata.video_backend == "pyav"
-    notices = [r.getMessage() for r in caplog.records if NOTICE in r.getMessage()]
-    assert len(notices) == 1 and "no CUDA GPU" in notices[0] and "\n" not in notices[0]
-    with pytest.raises(VideoLoadError, match="no CUDA GPU"):
+    with pytest.raises(VideoLoadError, match="no CUDA GPU") as info:
         load_video(video, backend="nvdec")
+    assert "\n" not in str(info.value)
 
 
-def test_auto_with_an_unsupported_codec_is_pyav_with_a_notice(fake, tmp_path, caplog):
+def test_nvdec_forced_on_an_unsupported_codec_says_so(fake, tmp_path):
     path = write_test_video(tmp_path / "old.avi", num_frames=8, codec="mpeg4")
-    with caplog.at_level(logging.WARNING, logger=nvdec.__name__):
-        loaded = load_video(path)
-    assert loaded.metadata.video_backend == "pyav" and not fake.decoders
-    (notice,) = [r.getMessage() for r in caplog.records if NOTICE in r.getMessage()]
-    assert "does not decode mpeg4" in notice
+    assert load_video(path).metadata.video_backend == "pyav"
     with pytest.raises(VideoLoadError, match="does not decode mpeg4"):
         load_video(path, backend="nvdec")
+    assert not fake.decoders
 
 
-def test_auto_with_bytes_is_pyav_and_nvdec_refuses_them(fake, video, caplog):
+def test_nvdec_refuses_bytes(fake, video):
     data = video.read_bytes()
-    with caplog.at_level(logging.WARNING, logger=nvdec.__name__):
-        loaded = load_video(data, fps=4)
-    assert loaded.metadata.video_backend == "pyav"
-    assert any("files given by path" in r.getMessage() for r in caplog.records)
+    assert load_video(data, fps=4).metadata.video_backend == "pyav"
     with pytest.raises(VideoLoadError, match="files given by path"):
         load_video(data, backend="nvdec")
-
-
-def test_auto_picks_nvdec_when_it_can(fake, video):
-    assert load_video(video, fps=4).metadata.video_backend == "nvdec"
 
 
 def test_exact_mode_decodes_with_pyav(fake, video):
@@ -246,23 +261,30 @@ def test_a_bad_backend_value_is_one_line():
         load_video(torch.zeros(1, 8, 8, 3, dtype=torch.uint8), backend="gpu")
 
 
-def test_a_decoder_failure_falls_back_under_auto_and_is_an_error_when_forced(monkeypatch, fresh_state, video, caplog):
-    monkeypatch.setitem(sys.modules, "PyNvVideoCodec", _fake_library(fail=True))
+def test_a_decoder_failure_is_an_error_and_auto_never_meets_it(monkeypatch, fresh_state, video):
+    library = _fake_library(fail=True)
+    monkeypatch.setitem(sys.modules, "PyNvVideoCodec", library)
     monkeypatch.setattr(nvdec, "_DEVICE_OVERRIDE", "cpu")
-    with caplog.at_level(logging.WARNING, logger=nvdec.__name__):
-        loaded = load_video(video, fps=4)
-    assert loaded.metadata.video_backend == "pyav" and _indices_in_pixels(loaded.frames) == loaded.frame_indices
-    assert any("CUVID_ERROR_SIMULATED" in r.getMessage() for r in caplog.records)
-    with pytest.raises(VideoLoadError, match="NVDEC decoding failed .*CUVID_ERROR_SIMULATED"):
+    with pytest.raises(VideoLoadError, match="NVDEC decoding failed .*CUVID_ERROR_SIMULATED") as info:
         load_video(video, backend="nvdec")
+    assert str(video) in str(info.value)
+    decoders = len(library.decoders)
+    loaded = load_video(video, fps=4)
+    assert loaded.metadata.video_backend == "pyav" and _indices_in_pixels(loaded.frames) == loaded.frame_indices
+    assert len(library.decoders) == decoders
 
 
-def test_the_cache_keeps_backends_apart(video):
+def test_the_cache_shares_auto_and_pyav_and_keeps_nvdec_apart(fake, video):
     cache = VideoCache()
     auto = cache.frames_key(str(video), {"fps": 2.0})
     assert auto == cache.frames_key(str(video), {"fps": 2.0, "backend": "auto"})
-    assert auto != cache.frames_key(str(video), {"fps": 2.0, "backend": "pyav"})
-    assert cache.frames_key(str(video), {"backend": "nvdec"}) != cache.frames_key(str(video), {"backend": "pyav"})
+    assert auto == cache.frames_key(str(video), {"fps": 2.0, "backend": "pyav"})
+    assert auto != cache.frames_key(str(video), {"fps": 2.0, "backend": "nvdec"})
+    first = cache.load_video(str(video), fps=4)
+    assert cache.load_video(str(video), fps=4, backend="pyav") is first
+    assert cache.load_video(str(video), fps=4, backend="nvdec").metadata.video_backend == "nvdec"
+    with pytest.raises(ValueError, match="backend must be one of"):  # a bad value is not a hit either
+        cache.load_video(str(video), fps=4, backend="gpu")
 
 
 def test_the_cli_takes_decode_backend_and_refuses_a_bad_value(capsys):

@@ -178,8 +178,8 @@ class VideoCache:
         """`video_loading.load_video(video, **load_options)`, decoded once per file and options.
 
         Options that only change how fast a video decodes (threads, workers, progress, pinning,
-        callbacks) are not part of the key; a cached video is returned as it was decoded. The decoding
-        `backend` ("auto", "pyav", "nvdec") is: the two decoders' pixels may differ slightly.
+        callbacks) are not part of the key; a cached video is returned as it was decoded. The decoder is
+        ("auto" and "pyav" are one, PyAV; "nvdec"): the two decoders' pixels differ slightly.
         """
         from .video_loading import load_video
 
@@ -207,8 +207,9 @@ class VideoCache:
         speed_only = {"num_threads", "num_workers", "progress", "pin_memory", "on_frames"}
         options = {k: v for k, v in load_options.items() if k not in speed_only}
         # The decoder is part of the key (NVDEC's colour conversion differs from PyAV's by a few grey
-        # levels); the default, "auto", is written out so that giving it or not is one key.
-        options["backend"] = options.get("backend") or "auto"
+        # levels); "auto" (the default, given or not) decodes with PyAV, so it shares PyAV's entries.
+        backend = options.get("backend") or "auto"
+        options["backend"] = "pyav" if backend == "auto" else backend
         return identity, _freeze(options)
 
     # -- vision-tower features -------------------------------------------------------------------

@@ -41,7 +41,7 @@ import torch
 from transformers.utils import logging
 
 from .video_decoding import _decode_wanted
-from .video_decoding_nvdec import BACKENDS, choose_backend, decode_wanted_nvdec, fallback_notice
+from .video_decoding_nvdec import BACKENDS, choose_backend, decode_wanted_nvdec
 from .video_frame_store import _limit_longer_edge
 from .video_metadata import (
     FramesReady,
@@ -137,11 +137,10 @@ def load_video(
             file is in the clip when ``start <= i / source_fps <= end``. For files only.
         backend: the decoder of files: "pyav" (FFmpeg on the CPU), "nvdec" (the GPU's video decoder,
             through PyNvVideoCodec: `pip install transformers-tempo[nvdec]`; an error says why when it
-            cannot be used) or "auto" (default: NVDEC when the library imports, a CUDA GPU is there,
-            the video is a path and NVDEC decodes its codec; else PyAV, with a notice once per process
-            when the library is installed). Both decode the same sampled frames; their colour
-            conversions differ by a few grey levels. `resize_backend="pil"` always uses PyAV. Frames
-            given directly are not decoded and ignore it.
+            cannot be used) or "auto" (default): PyAV, the faster for sampled loads of long files even
+            on a GPU machine (measured: `video_decoding_nvdec.choose_backend`). Both decode the same
+            sampled frames; their colour conversions differ by a few grey levels.
+            `resize_backend="pil"` needs PyAV. Frames given directly are not decoded and ignore it.
 
     Raises:
         VideoLoadError: the input is missing, empty, not a video, has no decodable frame,
@@ -208,14 +207,11 @@ def _load_container(
             on_frames(FramesReady(frames, slots, real_fps))
 
     decoder, traits = choose_backend(backend, source, name, facts, resize_backend)
-    frames = None
     if decoder == "nvdec":
         frames, stats = _decode_nvdec(
-            source, name, facts, traits, wanted, notes, num_workers, max_longer_edge, pin_memory, listener,
-            forced=backend == "nvdec",
+            source, name, facts, traits, wanted, notes, num_workers, max_longer_edge, pin_memory, listener
         )
-        decoder = "nvdec" if frames is not None else "pyav"
-    if frames is None:
+    else:
         frames, stats = _decode_wanted(
             reader,
             stream_number=facts.number,
@@ -245,21 +241,17 @@ def _load_container(
     )
 
 
-def _decode_nvdec(source, name, facts, traits, wanted, notes, num_workers, max_longer_edge, pin_memory, listener, forced):
-    """The sampled frames decoded by NVDEC, or (None, None) when it failed and "auto" falls back to PyAV
-    (with the fallback notice); forced ("nvdec"), a failure is a `VideoLoadError`."""
+def _decode_nvdec(source, name, facts, traits, wanted, notes, num_workers, max_longer_edge, pin_memory, listener):
+    """The sampled frames decoded by NVDEC; a failure is a `VideoLoadError` naming the library's error."""
     try:
         frames, stats, nvdec_notes = decode_wanted_nvdec(
             source, name=name, facts=facts, traits=traits, wanted=wanted, num_workers=num_workers,
             max_longer_edge=max_longer_edge, pin_memory=pin_memory, listener=listener,
         )
+    except VideoLoadError:
+        raise
     except Exception as error:  # the library's errors have no common class
-        if forced and isinstance(error, VideoLoadError):
-            raise
-        if forced:
-            raise VideoLoadError(f"{name}: NVDEC decoding failed ({type(error).__name__}: {error})") from error
-        fallback_notice(name, f"NVDEC decoding failed ({type(error).__name__}: {error})")
-        return None, None
+        raise VideoLoadError(f"{name}: NVDEC decoding failed ({type(error).__name__}: {error})") from error
     notes.extend(nvdec_notes)
     return frames, stats
 

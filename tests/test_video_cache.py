@@ -217,7 +217,7 @@ def test_bench_questions_tiny_decodes_each_file_once(tmp_path):
     assert on["cache"]["frames"]["entries"] == 2 and on["cache"]["features"]["entries"] == 2
     # the cache's counters run over the process: the warm-up and cache-off runs missed, the 4 later questions hit
     assert on["cache"]["features"]["hits"] >= 4
-    assert "| cache on, one question at a time | 6 |" in result.with_suffix(".md").read_text()
+    assert "| cache_on | auto | 6 |" in result.with_suffix(".md").read_text()
 
 
 def test_tempo_ask_several_questions_decodes_and_encodes_once(tiny_model_dir, vqa, clip, count_decodes, monkeypatch, capsys):

@@ -403,8 +403,8 @@ def add_answer_options(p: argparse.ArgumentParser) -> None:
         default="auto",
         choices=DECODE_BACKENDS,
         help="video decoder: pyav (FFmpeg on the CPU), nvdec (the GPU's video decoder; needs "
-        "'pip install transformers-tempo[nvdec]' and a CUDA GPU) or auto (default: nvdec when it can "
-        "decode the file, else pyav, saying why once); --reference always uses pyav",
+        "'pip install transformers-tempo[nvdec]' and a CUDA GPU) or auto (default: pyav, the faster "
+        "for Tempo's sampled frames of long files); --reference always uses pyav",
     )
     p.add_argument(
         "--compile",

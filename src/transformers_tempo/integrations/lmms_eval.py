@@ -158,7 +158,7 @@ class Tempo(lmms):
             lmms-eval's own --batch_size (the CLI passes it; giving it in --model_args too is an error).
         compile: compile the compressor and decode with a static cache (GPU; pays off over
             long runs).
-        decode_backend: video decoder: auto (NVDEC when it can decode the file, else PyAV), pyav or
+        decode_backend: video decoder: auto (PyAV, the faster for sampled long files), pyav or
             nvdec (`load_video`'s backend); reference=true decodes with PyAV.
         reference: reproduce the released bfloat16 function (rotary buffers rounded as the
             released scripts do, and the exact PIL resize where this version has it).

@@ -127,3 +127,30 @@ def test_cuda_graph_replay_equals_transformers_loop(tokenizer, hand_inputs, step
         assert steppers[-1].graph is not None
         assert torch.equal(graphed, reference)
     assert len(steppers) == 2
+
+
+def test_a_failed_capture_decodes_eagerly_with_one_warning(tiny_model, hand_inputs, monkeypatch, caplog):
+    """If the step cannot be captured, the same steps run without a graph, and that is said once."""
+    import logging
+
+    original = graphed_decoding._GreedyStepper.__init__
+
+    def pretend_cuda(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.use_graph = True
+
+    def fail(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphed_decoding._GreedyStepper, "__init__", pretend_cuda)
+    monkeypatch.setattr(graphed_decoding._GreedyStepper, "_capture", fail)
+    monkeypatch.setattr(graphed_decoding, "_WARNED", set())
+    inputs = hand_inputs([2, 1]).model_inputs()
+    reference = tiny_model.generate(**inputs, **GREEDY, max_new_tokens=9)
+    with caplog.at_level(logging.WARNING, logger="transformers_tempo.graphed_decoding"):
+        for _ in range(2):
+            graphed = tiny_model.generate(**inputs, **GREEDY, custom_generate=graphed_greedy_search, max_new_tokens=9)
+            assert torch.equal(graphed, reference)
+    warnings = [r.getMessage() for r in caplog.records if "without a CUDA graph" in r.getMessage()]
+    assert warnings == ["decoding without a CUDA graph: capturing the decoding step failed "
+                        "(operation not permitted when stream is capturing)"]

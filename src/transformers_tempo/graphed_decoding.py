@@ -31,10 +31,13 @@ from __future__ import annotations
 
 import torch
 from transformers import GenerationMixin, StaticCache
+from transformers.utils import logging
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 __all__ = ["STOP_CHECK_EVERY", "graphed_greedy_search", "wants_graphed_decoding"]
+
+logger = logging.get_logger(__name__)
 
 # Replays between two looks at the device for "has every row ended?". A look costs a sync (the CPU
 # waits for the GPU to drain); running past the end costs at most this many wasted steps, whose
@@ -174,7 +177,11 @@ class _GreedyStepper:
 
     def step(self) -> None:
         if self.use_graph and self.graph is None:
-            self._capture()  # at the first step: a one-token answer needs no graph
+            try:
+                self._capture()  # at the first step: a one-token answer needs no graph
+            except RuntimeError as error:  # a kernel that cannot be captured: same steps, run eagerly
+                self.use_graph = False
+                _warn_once(f"decoding without a CUDA graph: capturing the decoding step failed ({error})")
         if self.graph is not None:
             self.graph.replay()
         else:
@@ -245,6 +252,14 @@ class _GreedyStepper:
 
 
 _POOL: list = []
+_WARNED: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning(message)
+
 
 
 def _graph_pool():

@@ -232,7 +232,7 @@ class _GreedyStepper:
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         with torch.cuda.stream(stream):
-            graph.capture_begin(pool=_graph_pool())
+            graph.capture_begin()  # a private memory pool: calls in other threads cannot share it
             try:
                 self._step()
             finally:
@@ -251,7 +251,6 @@ class _GreedyStepper:
             layer.cumulative_length.copy_(length)
 
 
-_POOL: list = []
 _WARNED: set = set()
 
 
@@ -259,15 +258,6 @@ def _warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
         logger.warning(message)
-
-
-
-def _graph_pool():
-    """One private memory pool for every decoding graph of the process: a call's graph reuses the
-    memory of the previous call's instead of reserving its own."""
-    if not _POOL:
-        _POOL.append(torch.cuda.graph_pool_handle())
-    return _POOL[0]
 
 
 def _cut_after_last_end(tokens: torch.Tensor, eos: torch.Tensor | None) -> torch.Tensor:

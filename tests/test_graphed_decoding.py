@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from transformers_tempo import graphed_decoding
-from transformers_tempo.graphed_decoding import STOP_CHECK_EVERY, graphed_greedy_search, wants_graphed_decoding
+from transformers_tempo.graphed_decoding import (
+    STOP_CHECK_EVERY,
+    graphed_greedy_search,
+    wants_graphed_decoding,
+)
 
 GREEDY = {"do_sample": False, "cache_implementation": "static"}
 
@@ -152,5 +156,5 @@ def test_a_failed_capture_decodes_eagerly_with_one_warning(tiny_model, hand_inpu
             graphed = tiny_model.generate(**inputs, **GREEDY, custom_generate=graphed_greedy_search, max_new_tokens=9)
             assert torch.equal(graphed, reference)
     warnings = [r.getMessage() for r in caplog.records if "without a CUDA graph" in r.getMessage()]
-    assert warnings == ["decoding without a CUDA graph: capturing the decoding step failed "
-                        "(operation not permitted when stream is capturing)"]
+    expected = "decoding without a CUDA graph: capturing the decoding step failed (operation not permitted when stream is capturing)"
+    assert warnings == [expected]

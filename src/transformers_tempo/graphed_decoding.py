@@ -31,9 +31,12 @@ from __future__ import annotations
 
 import torch
 from transformers import GenerationMixin, StaticCache
-from transformers.utils import logging
-from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+from transformers.generation.stopping_criteria import (
+    EosTokenCriteria,
+    MaxLengthCriteria,
+)
 from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.utils import logging
 
 __all__ = ["STOP_CHECK_EVERY", "graphed_greedy_search", "wants_graphed_decoding"]
 

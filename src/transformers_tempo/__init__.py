@@ -13,10 +13,11 @@ is, else at the end of that import. So ``import transformers_tempo`` followed by
 
 from __future__ import annotations
 
-import importlib
 import importlib.abc
 import sys
 import threading
+
+from .lazy_exports import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -55,17 +56,7 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # the next lookup does not come here
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 # ------------------------------------------------------------------------------ registration

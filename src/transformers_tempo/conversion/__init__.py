@@ -33,7 +33,7 @@ The names below are imported from their modules on first use (this package impor
 
 from __future__ import annotations
 
-import importlib
+from ..lazy_exports import lazy_exports
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -82,14 +82,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # the next lookup does not come here
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

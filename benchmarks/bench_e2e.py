@@ -132,9 +132,6 @@ def timed_generate(model, prepared, device, new_tokens, via_tempo_forward=False,
     return first, rate, total, out
 
 
-GRAPHED_MODES = {"graphed": True}
-
-
 def timed_answer(model, prepared, device, new_tokens, **extra):
     """`timed_generate` without a streamer (which syncs every step and switches the graphed loop
     off): the first token's time is that of a one-token answer, the decoding rate that of the
@@ -165,7 +162,7 @@ def profile_decode(model, prepared, device, out_dir: Path, new_tokens: int, mode
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    model.graphed_decoding = GRAPHED_MODES.get(mode, False)
+    model.graphed_decoding = mode == "graphed"
     with profile(activities=activities) as prof:
         timed_answer(model, prepared, device, new_tokens, cache_implementation="static")
     model.graphed_decoding = True
@@ -287,24 +284,24 @@ def run_workload(model, processor, frames_count, args, device):
         answers = {}
         for mode in args.decode_modes:
             extra = {"cache_implementation": "static"} if mode != "dynamic" else {}
-            model.graphed_decoding = GRAPHED_MODES.get(mode, False)
-            timer = timed_answer  # no streamer: it would sync every step (and switch the graphed loop off)
+            model.graphed_decoding = mode == "graphed"
+            # timed without a streamer: it would sync every step (and switch the graphed loop off)
             try:  # warm-up with the same shapes (the static cache's length follows max_new_tokens)
-                timer(model, prepared, device, args.new_tokens, **extra)
+                timed_answer(model, prepared, device, args.new_tokens, **extra)
             except Exception as error:  # noqa: BLE001 - a failing mode is a result, not the end of the run
                 row[f"error_{mode}"] = f"{type(error).__name__}: {error}"[:2000]
                 print(f"decode mode {mode} failed: {row[f'error_{mode}']}", flush=True)
                 continue
             reset_peak(device)
-            first, rate, total, out = timer(model, prepared, device, args.new_tokens, **extra)
+            first, rate, total, out = timed_answer(model, prepared, device, args.new_tokens, **extra)
             answers[mode] = out
             row[f"prefill_{mode}_s"] = first
             row[f"generate_{mode}_s"] = total
             row[f"decode_{mode}_tokens_per_s"] = rate
             row["generate_peak_gib"] = max(row.get("generate_peak_gib", 0.0), peak_gib(device))
             print(json.dumps({"frames": frames_count, "mode": mode, "prefill_s": first, "tokens_per_s": rate}), flush=True)
-            if mode in GRAPHED_MODES and args.long_answer:
-                _, long_rate, long_total, long_out = timer(model, prepared, device, args.long_answer, **extra)
+            if mode == "graphed" and args.long_answer:
+                _, long_rate, long_total, long_out = timed_answer(model, prepared, device, args.long_answer, **extra)
                 row[f"answer_{args.long_answer}_tokens_{mode}_s"] = long_total
                 row[f"answer_{args.long_answer}_tokens_{mode}_tokens_per_s"] = long_rate
                 row[f"answer_{args.long_answer}_tokens_{mode}_produced"] = int(long_out.shape[1])

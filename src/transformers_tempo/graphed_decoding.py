@@ -244,11 +244,15 @@ class _GreedyStepper:
         self._restore(*saved)  # capturing records the kernels without running them; be sure anyway
         self.graph = graph
 
+    def _buffers(self) -> tuple[torch.Tensor, ...]:
+        """What a step changes besides the cache."""
+        return self.token, self.position, self.mask, self.unfinished, self.output, self.written
+
     def _state(self):
-        return [t.clone() for t in (self.token, self.position, self.mask, self.unfinished, self.output, self.written)]
+        return [buffer.clone() for buffer in self._buffers()]
 
     def _restore(self, state, lengths) -> None:
-        for buffer, value in zip((self.token, self.position, self.mask, self.unfinished, self.output, self.written), state):
+        for buffer, value in zip(self._buffers(), state):
             buffer.copy_(value)
         for layer, length in zip(self.cache.layers, lengths):
             layer.cumulative_length.copy_(length)

@@ -1,0 +1,113 @@
+"""One matmul for projections that read the same input: the decoder's q/k/v and gate/up.
+
+At batch 1 a decoding step is a chain of matrix-vector products that read the weights once each.
+Small ones run far below the memory bandwidth: on one H200 a decoding step's k_proj and v_proj
+(2560 -> 1024) take about 8 us each for 5 MB, q_proj about 12 us for 21 MB, while one product over
+the three weights together reads its 31 MB at the rate of the large ones. Fusing therefore saves
+time in every decoding step without changing what is computed: the fused output is the three
+outputs side by side, each column the same dot product.
+
+The checkpoint format is kept: each projection's weight stays a parameter under its own name, now a
+view into one shared buffer (no extra memory), and `state_dict`, loading and saving see the same
+names and shapes. The fused product is only used for inference: with gradients enabled, inside
+`torch.compile` (which fuses by itself), or once a weight no longer lies in the shared buffer (after
+`.to()` or a replaced parameter), every projection falls back to its own `nn.Linear.forward`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class _FusedGroup:
+    """Linear layers called one after the other on the same input, computed by one product.
+
+    The first member called on an input computes every member's output at once; the others take
+    their slice. The outputs are dropped once every member has taken its own, so nothing is kept
+    alive between calls.
+    """
+
+    def __init__(self, members: list[nn.Linear]):
+        self.members = members
+        self.weight = torch.cat([member.weight.detach() for member in members])
+        self.sizes = [member.out_features for member in members]
+        start = 0
+        for member, size in zip(members, self.sizes):
+            member.weight = nn.Parameter(self.weight[start : start + size], requires_grad=member.weight.requires_grad)
+            start += size
+        self.pointers = [member.weight.data_ptr() for member in members]
+        self.input = None
+        self.outputs: list[torch.Tensor | None] = []
+
+    def usable(self) -> bool:
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return False
+        return [member.weight.data_ptr() for member in self.members] == self.pointers
+
+    def output(self, index: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states is not self.input or self.outputs[index] is None:
+            self.input = hidden_states
+            self.outputs = list(F.linear(hidden_states, self.weight).split(self.sizes, dim=-1))
+        output, self.outputs[index] = self.outputs[index], None
+        if all(taken is None for taken in self.outputs):
+            self.input, self.outputs = None, []
+        return output
+
+
+def _member_forward(linear: nn.Linear, group: _FusedGroup, index: int):
+    """The `forward` installed on one member of `group`: its slice of the fused product, or its own
+    product where the fused one does not apply."""
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        if not group.usable():
+            return nn.Linear.forward(linear, hidden_states)
+        return group.output(index, hidden_states)
+
+    return forward
+
+
+def _fusable(members: list[nn.Module]) -> bool:
+    first = members[0]
+    return all(
+        type(member) is nn.Linear
+        and member.bias is None
+        and member.in_features == first.in_features
+        and member.weight.dtype == first.weight.dtype
+        and member.weight.device == first.weight.device
+        and member.weight.device.type != "meta"
+        and "forward" not in vars(member)  # not fused already, nor wrapped by someone else
+        for member in members
+    )
+
+
+def fuse_projections(module: nn.Module, groups: dict[str, tuple[str, ...]]) -> int:
+    """Fuse, in every submodule of `module` whose class name is a key of `groups`, the linear
+    layers named by its value (e.g. ``{"Qwen3Attention": ("q_proj", "k_proj", "v_proj")}``).
+
+    Members must be bias-free `nn.Linear` layers on the same device and dtype; other groups are left
+    as they are. Returns the number of groups fused. Call it after the model reached its device and
+    dtype (a later `.to()` quietly turns the fused product off).
+    """
+    fused = 0
+    for submodule in list(module.modules()):
+        names = groups.get(type(submodule).__name__)
+        if not names or not all(isinstance(getattr(submodule, name, None), nn.Module) for name in names):
+            continue
+        members = [getattr(submodule, name) for name in names]
+        if not _fusable(members):
+            continue
+        group = _FusedGroup(members)
+        for index, member in enumerate(members):
+            # An instance attribute, not a submodule: the module tree and state_dict stay unchanged.
+            member.forward = _member_forward(member, group, index)
+        fused += 1
+    return fused
+
+
+# The decoder's projections that share an input, by the class of the module that holds them.
+DECODER_GROUPS = {
+    "Qwen3Attention": ("q_proj", "k_proj", "v_proj"),
+    "Qwen3MLP": ("gate_proj", "up_proj"),
+}

@@ -1,0 +1,131 @@
+"""Fused projections (`fused_projections.fuse_projections`): one matmul for the decoder's q/k/v and
+gate/up, the same function, the same parameters and checkpoint, and a plain fallback where the
+fused product must not run (gradients, a moved or replaced weight)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from transformers_tempo.fused_projections import DECODER_GROUPS, fuse_projections
+
+
+@pytest.fixture
+def decoder():
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16,
+    )
+    return Qwen3ForCausalLM(config).eval()
+
+
+def fused_copy(model):
+    fused = copy.deepcopy(model)
+    assert fuse_projections(fused, DECODER_GROUPS) == 2 * model.config.num_hidden_layers
+    return fused
+
+
+def test_same_logits_and_greedy_tokens(decoder):
+    fused = fused_copy(decoder)
+    ids = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, decoder(ids).logits, rtol=1e-5, atol=1e-5)
+    expected = decoder.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(fused.generate(ids, max_new_tokens=6, do_sample=False), expected)
+
+
+def test_weights_are_views_of_one_buffer_and_the_checkpoint_is_unchanged(decoder, tmp_path):
+    fused = fused_copy(decoder)
+    attention = fused.model.layers[0].self_attn
+    q, k, v = attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    assert k.data_ptr() == q.data_ptr() + q.numel() * q.element_size()  # side by side: no copy kept
+    reference = decoder.state_dict()
+    state = fused.state_dict()
+    assert list(state) == list(reference)
+    for name, tensor in state.items():
+        assert torch.equal(tensor, reference[name]), name
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in decoder.parameters())
+    fused.save_pretrained(tmp_path)
+    reloaded = Qwen3ForCausalLM.from_pretrained(tmp_path)
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, reference[name]), name
+
+
+def test_one_product_per_group_and_nothing_kept(decoder, monkeypatch):
+    fused = fused_copy(decoder)
+    calls = []
+    linear = torch.nn.functional.linear
+
+    def counting(x, weight, bias=None):
+        calls.append(tuple(weight.shape))
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    mlp = fused.model.layers[0].mlp
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    assert calls == [(192, 64)]  # gate and up (96 rows each) in one product
+    torch.testing.assert_close(gate, x @ decoder.model.layers[0].mlp.gate_proj.weight.T)
+    torch.testing.assert_close(up, x @ decoder.model.layers[0].mlp.up_proj.weight.T)
+    group = mlp.gate_proj.forward.__closure__  # the outputs were released once both were taken
+    assert any(getattr(cell.cell_contents, "outputs", None) == [] for cell in group)
+
+
+def test_members_called_out_of_order_or_alone_are_right(decoder):
+    fused = fused_copy(decoder)
+    attention, plain = fused.model.layers[1].self_attn, decoder.model.layers[1].self_attn
+    x, y = torch.randn(2, 64), torch.randn(2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(attention.v_proj(x), plain.v_proj(x))
+        torch.testing.assert_close(attention.k_proj(y), plain.k_proj(y))  # a new input: computed afresh
+        torch.testing.assert_close(attention.q_proj(x), plain.q_proj(x))
+        torch.testing.assert_close(attention.k_proj(x), plain.k_proj(x))
+
+
+def test_gradients_take_the_plain_path(decoder):
+    fused = fused_copy(decoder)
+    fused.train()
+    ids = torch.randint(0, 101, (1, 5))
+    fused(ids, labels=ids).loss.backward()
+    decoder.train()
+    decoder(ids, labels=ids).loss.backward()
+    for (name, p), (_, r) in zip(fused.named_parameters(), decoder.named_parameters()):
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_moved_or_replaced_weight_turns_the_fused_product_off(decoder):
+    fused = fused_copy(decoder).to(torch.float64)
+    plain = copy.deepcopy(decoder).to(torch.float64)
+    ids = torch.randint(0, 101, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(fused(ids).logits, plain(ids).logits)
+    attention = fused.model.layers[0].self_attn
+    attention.k_proj.weight = nn.Parameter(torch.zeros_like(attention.k_proj.weight))
+    with torch.no_grad():
+        assert torch.equal(attention.k_proj(torch.ones(1, 64, dtype=torch.float64)), torch.zeros(1, 32, dtype=torch.float64))
+
+
+def test_groups_that_cannot_be_fused_are_left_alone(decoder):
+    decoder.model.layers[0].self_attn.k_proj.bias = nn.Parameter(torch.zeros(32))
+    assert fuse_projections(decoder, DECODER_GROUPS) == 3  # every group but layer 0's q/k/v
+    assert "forward" not in vars(decoder.model.layers[0].self_attn.q_proj)
+    assert fuse_projections(decoder, DECODER_GROUPS) == 0  # fusing twice changes nothing
+
+
+def test_enable_compiled_inference_fuses_the_decoder_only(tiny_model, monkeypatch, hand_inputs):
+    from transformers_tempo import modeling_tempo
+
+    monkeypatch.setattr(modeling_tempo.TempoModel, "compile_compressor", lambda self, **kw: None)
+    model = copy.deepcopy(tiny_model).enable_compiled_inference()
+    fused = [name for name, m in model.named_modules() if "forward" in vars(m)]
+    layers = model.config.text_config.num_hidden_layers
+    assert len(fused) == 5 * layers and all(name.startswith("model.language_model.") for name in fused)
+    inputs = hand_inputs([2, 1]).model_inputs()
+    expected = tiny_model.generate(**inputs, do_sample=False, max_new_tokens=5, cache_implementation="static")
+    assert torch.equal(model.generate(**inputs, do_sample=False, max_new_tokens=5), expected)

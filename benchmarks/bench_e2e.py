@@ -27,6 +27,7 @@ from transformers.generation.streamers import BaseStreamer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from transformers_tempo import TempoConfig, TempoForConditionalGeneration  # noqa: E402
+from transformers_tempo.fused_projections import DECODER_GROUPS, fuse_projections, set_fused_projections  # noqa: E402
 from transformers_tempo.processing_tempo import TempoProcessor  # noqa: E402
 from transformers_tempo.streaming import compress_streaming  # noqa: E402
 from transformers_tempo.testing_utils import build_tiny_model, build_tiny_tokenizer  # noqa: E402
@@ -162,10 +163,12 @@ def profile_decode(model, prepared, device, out_dir: Path, new_tokens: int, mode
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    model.graphed_decoding = mode == "graphed"
+    model.graphed_decoding = mode.startswith("graphed")
+    set_fused_projections(model, mode != "graphed-unfused")
     with profile(activities=activities) as prof:
         timed_answer(model, prepared, device, new_tokens, cache_implementation="static")
     model.graphed_decoding = True
+    set_fused_projections(model, True)
     path = out_dir / f"profile-decode-{mode}.txt"
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     path.write_text(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
@@ -284,7 +287,8 @@ def run_workload(model, processor, frames_count, args, device):
         answers = {}
         for mode in args.decode_modes:
             extra = {"cache_implementation": "static"} if mode != "dynamic" else {}
-            model.graphed_decoding = mode == "graphed"
+            model.graphed_decoding = mode.startswith("graphed")
+            set_fused_projections(model, mode != "graphed-unfused")
             # timed without a streamer: it would sync every step (and switch the graphed loop off)
             try:  # warm-up with the same shapes (the static cache's length follows max_new_tokens)
                 timed_answer(model, prepared, device, args.new_tokens, **extra)
@@ -310,6 +314,7 @@ def run_workload(model, processor, frames_count, args, device):
                 if other in answers and other != mode:
                     row[f"same_tokens_{mode}_vs_{other}"] = first_difference(out, answers[other])
         model.graphed_decoding = True
+        set_fused_projections(model, True)
         best = min(answers, key=lambda m: row[f"generate_{m}_s"])
         row["decode_mode"] = best
         row["prefill_s"] = row[f"prefill_{best}_s"]
@@ -526,8 +531,8 @@ def main(argv=None):
     p.add_argument("--gpu-preprocess", action="store_true", help="preprocess frames on the GPU")
     p.add_argument("--long-answer", type=int, default=None, metavar="TOKENS",
                    help="with a graphed decode mode: also time an answer of this many tokens")
-    p.add_argument("--decode-modes", nargs="+", default=["dynamic"], choices=["dynamic", "static", "graphed"],
-                   help="KV cache for decoding; 'static' compiles the decode step (CUDA graphs)")
+    p.add_argument("--decode-modes", nargs="+", default=["dynamic"], choices=["dynamic", "static", "graphed", "graphed-unfused"],
+                   help="KV cache for decoding: 'static' is transformers' compiled loop, 'graphed' replays one CUDA graph per step, 'graphed-unfused' the same without fused projections")
     p.add_argument("--flops", action="store_true", help="count compressor FLOPs (one extra pass)")
     p.add_argument("--compare-tempo-forward-decode", action="store_true",
                    help="also decode through Tempo's own forward (the path before the plain Qwen3 view)")
@@ -569,6 +574,7 @@ def main(argv=None):
             if args.flops:
                 args.eager_flops[n] = compressor_seconds(model, processor, n, args, device, count_flops=True)
         model.model.compile_compressor(**({"dynamic": None} if args.compile_static_shapes else {}))
+        fuse_projections(model.model.language_model, DECODER_GROUPS)  # as enable_compiled_inference does
         for n in frames_list:  # compile for every shape before timing (automatic dynamic shapes settle)
             compressor_seconds(model, processor, n, args, device, repeats=1)
     try:

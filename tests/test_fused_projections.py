@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from transformers_tempo.fused_projections import DECODER_GROUPS, fuse_projections
+from transformers_tempo.fused_projections import DECODER_GROUPS, fuse_projections, set_fused_projections
 
 
 @pytest.fixture
@@ -72,8 +72,9 @@ def test_one_product_per_group_and_nothing_kept(decoder, monkeypatch):
     assert calls == [(192, 64)]  # gate and up (96 rows each) in one product
     torch.testing.assert_close(gate, x @ decoder.model.layers[0].mlp.gate_proj.weight.T)
     torch.testing.assert_close(up, x @ decoder.model.layers[0].mlp.up_proj.weight.T)
-    group = mlp.gate_proj.forward.__closure__  # the outputs were released once both were taken
-    assert any(getattr(cell.cell_contents, "outputs", None) == [] for cell in group)
+    group = mlp.gate_proj.forward.group
+    assert group is mlp.up_proj.forward.group
+    assert group.input is None and group.outputs == []  # released once both were taken
 
 
 def test_members_called_out_of_order_or_alone_are_right(decoder):
@@ -129,3 +130,19 @@ def test_enable_compiled_inference_fuses_the_decoder_only(tiny_model, monkeypatc
     inputs = hand_inputs([2, 1]).model_inputs()
     expected = tiny_model.generate(**inputs, do_sample=False, max_new_tokens=5, cache_implementation="static")
     assert torch.equal(model.generate(**inputs, do_sample=False, max_new_tokens=5), expected)
+
+
+def test_set_fused_projections_switches_every_group(decoder, monkeypatch):
+    fused = fused_copy(decoder)
+    products = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: products.append(w.shape[0]) or linear(x, w, b))
+    ids = torch.randint(0, 101, (1, 4))
+    with torch.no_grad():
+        assert set_fused_projections(fused, False) == 4
+        off = fused(ids).logits
+        unfused_products, products[:] = list(products), []
+        assert set_fused_projections(fused, True) == 4
+        on = fused(ids).logits
+    assert len(unfused_products) == len(products) + 3 * 2  # per layer: q/k/v 3 -> 1, gate/up 2 -> 1
+    torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-5)

@@ -40,9 +40,10 @@ class _FusedGroup:
         self.pointers = [member.weight.data_ptr() for member in members]
         self.input = None
         self.outputs: list[torch.Tensor | None] = []
+        self.enabled = True  # `set_fused_projections`
 
     def usable(self) -> bool:
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if not self.enabled or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return False
         return [member.weight.data_ptr() for member in self.members] == self.pointers
 
@@ -65,6 +66,7 @@ def _member_forward(linear: nn.Linear, group: _FusedGroup, index: int):
             return nn.Linear.forward(linear, hidden_states)
         return group.output(index, hidden_states)
 
+    forward.group = group
     return forward
 
 
@@ -104,6 +106,16 @@ def fuse_projections(module: nn.Module, groups: dict[str, tuple[str, ...]]) -> i
             member.forward = _member_forward(member, group, index)
         fused += 1
     return fused
+
+
+def set_fused_projections(module: nn.Module, enabled: bool = True) -> int:
+    """Switch the fused product of every group that `fuse_projections` made in `module` on or off
+    (off: each projection computes its own product from the same weights). Returns the number of
+    groups switched."""
+    groups = {id(group): group for m in module.modules() if (group := getattr(vars(m).get("forward"), "group", None))}
+    for group in groups.values():
+        group.enabled = enabled
+    return len(groups)
 
 
 # The decoder's projections that share an input, by the class of the module that holds them.

@@ -3,14 +3,16 @@
     python benchmarks/bench_batch.py --tiny --out /tmp/batch-tiny.json        # CPU, tiny model, seconds
     python benchmarks/bench_batch.py --out batch-gpu.json                     # GPU: Tempo-6B architecture,
                                                                               #   random bf16 weights
+    python benchmarks/bench_batch.py --batch-size 1 4 8 --compile --warmup 8 --out batch-gpu.json
     accelerate launch --num_processes 2 benchmarks/bench_batch.py --out batch-2gpu.json   # data parallel
 
 Generates --videos test videos (--seconds long, --width x --height, H.264) once into --video-dir,
 writes an items file, then runs the same code as `tempo batch` (transformers_tempo.cli.batch_job.run):
-each process decodes its share of the videos and answers them --batch-size at a time. The
-answers file is started afresh each run. Prints and writes (--out) one JSON object: the run's
-summary (videos/s over the answering time, model load excluded), the time spent per stage summed
-over the videos, and the machine, commit and settings.
+each process decodes its share of the videos and answers them --batch-size at a time (several
+sizes: one run each, one loaded model; --warmup answers a few videos untimed first, so that
+compilation is not counted). The answers file is started afresh each run. Prints and writes (--out)
+one JSON object: per run the summary (videos/s over the answering time, model load excluded) and the
+time spent per stage summed over the videos; the machine, commit and settings.
 """
 
 from __future__ import annotations
@@ -78,11 +80,13 @@ def main(argv=None):
     p.add_argument("--height", type=int, default=None, help="default 360 (96 with --tiny)")
     p.add_argument("--video-fps", type=int, default=24)
     p.add_argument("--video-dir", default=None, help="where the videos are written (default: a folder in /tmp)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, nargs="+", default=[1], help="one run per batch size, one model")
     p.add_argument("--budget", type=int, default=None, help="visual token budget (default: the model's)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--attn", default="sdpa")
-    p.add_argument("--compile", action="store_true", help="as `tempo batch --compile` (compilation counted in the time)")
+    p.add_argument("--compile", action="store_true", help="as `tempo batch --compile`")
+    p.add_argument("--warmup", type=int, default=0, metavar="VIDEOS",
+                   help="answer this many videos untimed before each batch size (0: compilation counted in the time)")
     p.add_argument("--out", required=True, help="JSON file for the results")
     p.add_argument("--commit", default=None, help="commit to report (when the checkout has no usable git HEAD)")
     args = p.parse_args(argv)
@@ -99,32 +103,31 @@ def main(argv=None):
     video_dir = Path(args.video_dir or Path(tempfile.gettempdir()) / name)
     with state.main_process_first():  # the main process writes the videos, the others then find them
         videos = make_videos(video_dir, args.videos, seconds, width, height, args.video_fps)
-    work = video_dir / "run"
     items = [{"id": f"v{i:04d}", "video": str(v), "question": QUESTIONS[i % len(QUESTIONS)]} for i, v in enumerate(videos)]
-    output = work / "answers.jsonl"
-    if state.is_main_process:  # a fresh run, not a resumed one
-        work.mkdir(parents=True, exist_ok=True)
-        for old in [output, *work.glob("answers.jsonl.rank*.part")]:
-            old.unlink(missing_ok=True)
-    state.wait_for_everyone()
+    loaded = []
 
-    def load():
-        from transformers import pipeline
+    def load():  # once per process: later batch sizes reuse the model (and its compilation)
+        if not loaded:
+            from transformers import pipeline
 
-        model, processor = build(args.tiny, device, dtype, args.attn)
-        if args.compile:
-            model.enable_compiled_inference()
-        return pipeline("video-question-answering", model=model, processor=processor, device=device)
+            model, processor = build(args.tiny, device, dtype, args.attn)
+            if args.compile:
+                model.enable_compiled_inference()
+            loaded.append(pipeline("video-question-answering", model=model, processor=processor, device=device))
+        return loaded[0]
 
-    settings = BatchSettings(
-        visual_token_budget=args.budget, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size
-    )
-    summary = run(items, output, load, settings, state)
-    if summary is None:
+    runs = []
+    for batch_size in args.batch_size:
+        settings = BatchSettings(visual_token_budget=args.budget, max_new_tokens=args.max_new_tokens, batch_size=batch_size)
+        if args.warmup:  # the same code on the first videos, untimed: compilation and first-call costs
+            answer_items(items[: args.warmup], video_dir / f"warmup-bs{batch_size}", load, settings, state)
+        timed = answer_items(items, video_dir / f"run-bs{batch_size}", load, settings, state)
+        if timed is not None:
+            runs.append({"batch_size": batch_size, **timed})
+            print(json.dumps({"batch_size": batch_size, "videos_per_s": timed["videos_per_s"]}), flush=True)
+    if not state.is_main_process:
         return None
 
-    lines = [json.loads(line) for line in output.read_text().splitlines()]
-    answered = [line for line in lines if "error" not in line]
     commit = args.commit or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
     ).stdout
@@ -137,19 +140,39 @@ def main(argv=None):
         "processes": state.num_processes,
         "videos": args.videos,
         "video": f"{seconds:g} s, {width}x{height}, {args.video_fps} fps, H.264",
-        "batch_size": args.batch_size,
         "compile": args.compile,
+        "warmup_videos": args.warmup,
         "budget": args.budget,
         "max_new_tokens": args.max_new_tokens,
-        "sampled_frames_per_video": answered[0]["sampled_frames"] if answered else 0,
-        "summary": summary,
-        "videos_per_s": summary["videos_per_s"],
-        "stage_seconds_all_processes": stage_seconds(answered),
+        **runs[0],  # the first batch size's figures at the top, as before
+        "runs": runs,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     return results
+
+
+def answer_items(items, work: Path, load, settings, state) -> dict | None:
+    """`tempo batch`'s code on `items`, answered afresh into work/answers.jsonl; the summary on the
+    main process (None on the others)."""
+    output = work / "answers.jsonl"
+    if state.is_main_process:  # a fresh run, not a resumed one
+        work.mkdir(parents=True, exist_ok=True)
+        for old in [output, *work.glob("answers.jsonl.rank*.part")]:
+            old.unlink(missing_ok=True)
+    state.wait_for_everyone()
+    summary = run(items, output, load, settings, state)
+    if summary is None:
+        return None
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    answered = [line for line in lines if "error" not in line]
+    return {
+        "sampled_frames_per_video": answered[0]["sampled_frames"] if answered else 0,
+        "summary": summary,
+        "videos_per_s": summary["videos_per_s"],
+        "stage_seconds_all_processes": stage_seconds(answered),
+    }
 
 
 if __name__ == "__main__":

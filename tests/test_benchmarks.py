@@ -55,7 +55,10 @@ def test_bench_decode_attention_tiny_formulations_agree(tmp_path):
 
 def test_bench_batch_tiny_answers_every_video(tmp_path):
     path = tmp_path / "batch.json"
-    run("bench_batch.py", "--tiny", "--videos", "6", "--out", str(path), cwd=tmp_path)
-    summary = json.loads(path.read_text())["summary"]
-    assert (summary["items"], summary["answered"], summary["failed"], summary["missing"]) == (6, 6, 0, 0)
-    assert summary["videos_per_s"] > 0
+    run("bench_batch.py", "--tiny", "--videos", "6", "--batch-size", "1", "4", "--warmup", "2", "--out", str(path), cwd=tmp_path)
+    results = json.loads(path.read_text())
+    assert [r["batch_size"] for r in results["runs"]] == [1, 4] and results["warmup_videos"] == 2
+    for timed in results["runs"]:
+        summary = timed["summary"]
+        assert (summary["items"], summary["answered"], summary["failed"], summary["missing"]) == (6, 6, 0, 0)
+        assert summary["videos_per_s"] > 0 and timed["sampled_frames_per_video"] > 0

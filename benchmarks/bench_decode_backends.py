@@ -5,16 +5,24 @@ vs both together, through `load_video`.
     python benchmarks/bench_decode_backends.py --video long.mp4     # an existing file
     python benchmarks/bench_decode_backends.py --skip-write         # reuse the file an earlier run wrote
     python benchmarks/bench_decode_backends.py --tiny               # CPU, PyAV only, seconds (used by the tests)
+    python benchmarks/bench_decode_backends.py --pyav-without-skipping   # adds PyAV without non-reference skipping
 
-The file is H.264 1280x720 at 30 fps with a keyframe every 3 s and B-frames (`synthetic.write_long_video`,
-as `bench_questions.py` writes it). Measured per backend:
+The file is H.264 1280x720 at 30 fps with a keyframe every 3 s (`synthetic.write_long_video`). By default
+it has 3 B-frames between references, the middle one a reference itself (x264 b-adapt=0, b-pyramid), so
+that PyAV's skipping of unwanted non-reference pictures has something to skip, as in most downloaded
+videos. `--bframes 0` writes the file of earlier runs (as `bench_questions.py` writes it): x264 was
+allowed 2 B-frames there but chose none for this synthetic picture, so every frame is a reference.
+Measured per backend:
 
 * `sampled_load`: `load_video` of 1024 frames at 2 fps (Tempo's sampling), a process's first load of
   that backend and configuration (`first_s`: NVDEC pays creating its decoders there) and a second one
   (`second_s`: decoders reused);
 * `full_decode`: every frame of the first `--full-seconds` seconds (`fps` = the file's, frames shrunk to
   256 px so that they fit in memory), frames per second;
-* `pixels_vs_pyav`: max and mean absolute difference of NVDEC's sampled frames from PyAV's.
+* `pixels_vs_pyav`: max and mean absolute difference of NVDEC's sampled frames from PyAV's;
+* with `--pyav-without-skipping`, `pyav_without_nonref_skipping`: PyAV's sampled load again with
+  `video_decoding.SKIP_UNWANTED_NONREF` off (every B-frame passed on the way to a wanted frame is
+  decoded), and whether its frames equal those of the load with skipping (they must).
 
 "both together" splits the file in two clips decoded at once, NVDEC the first `--nvdec-share` of it and
 PyAV the rest (each clip sampled on its own, so its frames are not exactly those of one whole-file load;
@@ -37,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from transformers_tempo import video_decoding_nvdec  # noqa: E402
+from transformers_tempo import video_decoding, video_decoding_nvdec  # noqa: E402
 from transformers_tempo.synthetic import write_long_video  # noqa: E402
 from transformers_tempo.video_loading import load_video  # noqa: E402
 
@@ -52,7 +60,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--full-seconds", type=float, default=300.0, help="decode every frame of this many seconds")
     p.add_argument("--decoders", default="1,2,4,7", help="NVDEC decoder counts to measure")
     p.add_argument("--nvdec-share", type=float, default=0.5, help="share of the file NVDEC decodes in 'both together'")
+    p.add_argument(
+        "--bframes", type=int, default=3,
+        help="B-frames between references in the generated file (0: the earlier runs' file, no B-frames)",
+    )
     p.add_argument("--tiny", action="store_true", help="a 20 s 320x240 file, 64 frames, PyAV only (CPU)")
+    p.add_argument(
+        "--pyav-without-skipping", action="store_true",
+        help="also time PyAV's sampled load with the skipping of unwanted non-reference pictures off",
+    )
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     if args.tiny:
@@ -64,7 +80,8 @@ def video_file(args) -> Path:
     if args.video:
         return Path(args.video)
     width, height = (320, 240) if args.tiny else (1280, 720)
-    path = Path(args.folder) / f"decode-{args.minutes:g}min-{width}x{height}.mp4"
+    suffix = f"-b{args.bframes}" if args.bframes else ""
+    path = Path(args.folder) / f"decode-{args.minutes:g}min-{width}x{height}{suffix}.mp4"
     if args.skip_write:
         if not path.exists():
             sys.exit(f"--skip-write: {path} does not exist (run once without it)")
@@ -73,9 +90,15 @@ def video_file(args) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_long_video(
             path, duration=60 * args.minutes, clip_seconds=10.0, fps=30, width=width, height=height, gop=90,
-            codec_options={"preset": "veryfast", "bf": "2"},
+            codec_options=encoder_options(args.bframes),
         )
     return path
+
+
+def encoder_options(bframes: int) -> dict[str, str]:
+    if bframes == 0:
+        return {"preset": "veryfast", "bf": "2"}  # the earlier runs' file
+    return {"preset": "veryfast", "x264-params": f"bframes={bframes}:b-adapt=0:b-pyramid=normal"}
 
 
 def timed_load(path, **options):
@@ -107,6 +130,18 @@ def full_decode(path, seconds: float, source_fps: float, **options) -> dict:
         "frames": loaded.num_frames, "seconds": round(elapsed, 3), "frames_per_s": round(loaded.num_frames / elapsed, 1),
         "backend": loaded.metadata.video_backend, "stats": dict(loaded.stats),
     }
+
+
+def without_nonref_skipping(path, frames: int, frames_with_skipping: torch.Tensor) -> dict:
+    """PyAV's sampled load with the decoder told to decode the unwanted non-reference pictures too."""
+    before = video_decoding.SKIP_UNWANTED_NONREF
+    video_decoding.SKIP_UNWANTED_NONREF = False
+    try:
+        row, loaded = sampled_load(path, frames, backend="pyav")
+    finally:
+        video_decoding.SKIP_UNWANTED_NONREF = before
+    row["frames_equal_with_skipping"] = torch.equal(loaded.frames, frames_with_skipping)
+    return row
 
 
 def pixel_difference(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -180,7 +215,8 @@ def main(argv=None) -> dict:
             "python": platform.python_version(), "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         },
-        "video": str(path), "frames": args.frames, "full_seconds": args.full_seconds,
+        "video": str(path), "bframes": None if args.video else args.bframes,
+        "frames": args.frames, "full_seconds": args.full_seconds,
     }
     pyav_row, pyav_video = sampled_load(path, args.frames, backend="pyav")
     source_fps = pyav_video.metadata.fps
@@ -188,6 +224,8 @@ def main(argv=None) -> dict:
     result["duration_s"] = round(duration, 1)
     pyav_row["full_decode"] = full_decode(path, args.full_seconds, source_fps, backend="pyav")
     result["pyav"] = pyav_row
+    if args.pyav_without_skipping:
+        result["pyav_without_nonref_skipping"] = without_nonref_skipping(path, args.frames, pyav_video.frames)
     if args.tiny:
         result["nvdec"] = {"skipped": "--tiny measures PyAV only (CPU)"}
     else:

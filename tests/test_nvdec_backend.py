@@ -326,7 +326,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode_backe
 def test_bench_tiny_runs_pyav_only_on_cpu(tmp_path):
     out = tmp_path / "decode.json"
     done = subprocess.run(
-        [sys.executable, str(BENCH), "--tiny", "--folder", str(tmp_path), "--out", str(out)],
+        [sys.executable, str(BENCH), "--tiny", "--pyav-without-skipping", "--folder", str(tmp_path), "--out", str(out)],
         capture_output=True, text=True, cwd=tmp_path, timeout=600, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -334,6 +334,11 @@ def test_bench_tiny_runs_pyav_only_on_cpu(tmp_path):
     assert result["duration_s"] == 20.0 and result["nvdec"] == {"skipped": "--tiny measures PyAV only (CPU)"}
     assert result["pyav"]["frames"] == 40 and result["pyav"]["backend"] == "pyav"  # 20 s at 2 fps
     assert result["pyav"]["full_decode"]["frames"] == 151  # every frame of 0..5 s at 30 fps, both ends in
+    # the file has B-frames: PyAV decodes more of them with its skipping of unwanted ones off, same frames
+    without = result["pyav_without_nonref_skipping"]
+    assert without["frames_equal_with_skipping"] is True and without["frames"] == 40
+    assert without["stats"]["decoded_frames"] > result["pyav"]["stats"]["decoded_frames"]
+    assert without["stats"]["nonref_marked_packets"] == 0 < result["pyav"]["stats"]["nonref_marked_packets"]
     assert json.loads(done.stdout) == result
 
 

@@ -21,6 +21,15 @@ SEEK_MIN_SKIPPED_FRAMES = 32
 # frames does), and never more than MAX_WORKERS or the number of cores.
 MIN_FRAMES_PER_WORKER = 500
 MAX_WORKERS = 8
+# Ask the decoder to drop the non-reference pictures (most B-frames) that the sampler does not
+# want, instead of decoding them on the way to the wanted ones. It is exact: a non-reference
+# picture is never used to predict another, so every other picture decodes to the same pixels
+# (the tests compare the sampled frames bit for bit with it on and off). FFmpeg reads
+# `skip_frame` for each packet it is sent (the frame-threaded decoder copies it when the packet
+# is submitted), so it is set packet by packet from the packet's presentation index. Switch it
+# off (False) to time decoding without it (bench_decode_backends.py --pyav-without-skipping
+# times both). Measured on the benchmark's 1-hour 720p file: (to be filled after the GPU run).
+SKIP_UNWANTED_NONREF = True
 
 
 def _cpu_count() -> int:
@@ -37,7 +46,9 @@ class _Part:
     number: int  # 0 for the part holding the first wanted frame
     targets: list[int]  # sorted distinct presentation indices
     notes: list[str] = field(default_factory=list)  # merged in part order when all are done
-    stats: dict[str, int] = field(default_factory=lambda: {"decoded_frames": 0, "seeks": 0})
+    stats: dict[str, int] = field(
+        default_factory=lambda: {"decoded_frames": 0, "seeks": 0, "nonref_marked_packets": 0}
+    )
     staged: list = field(default_factory=list)  # (image, slots) waiting for the longer-edge resize
     exhausted: bool = False  # the stream ended or decoding failed inside this part
 
@@ -87,8 +98,10 @@ def _decode_wanted(
 ) -> tuple[torch.Tensor, dict[str, int]]:
     """Decode the frames at presentation indices `wanted` (sorted, repeats allowed), a thread per part.
 
-    Returns the (len(wanted), H, W, 3) frames and the decoding statistics (``decoded_frames``,
-    ``seeks``, ``workers``); the notes of every part are added to `notes`, in file order.
+    Returns the (len(wanted), H, W, 3) frames and the decoding statistics (``decoded_frames``: the
+    frames the decoders returned, ``seeks``, ``nonref_marked_packets``: packets of unwanted frames
+    sent with FFmpeg's skip_frame NONREF, of which the decoder drops those holding non-reference
+    pictures, ``workers``); the notes of every part are added to `notes`, in file order.
     """
     # Only a path can be opened once per worker; bytes and file objects have one reader.
     parts = _plan_parts(sorted(set(wanted)), index, num_workers if isinstance(reader.source, str) else 1)
@@ -120,6 +133,7 @@ def _decode_wanted(
     stats = {
         "decoded_frames": sum(part.stats["decoded_frames"] for part in parts),
         "seeks": sum(part.stats["seeks"] for part in parts),
+        "nonref_marked_packets": sum(part.stats["nonref_marked_packets"] for part in parts),
         "workers": len(parts),
     }
     return store.finish(wanted, notes), stats
@@ -177,8 +191,8 @@ def _decode_part(job: _DecodeJob, part: _Part) -> None:
             stream = container.streams.video[job.stream_number]
             stream.thread_type = "AUTO"
             stream.codec_context.thread_count = job.thread_count
-            cursor = _Cursor(container, stream, job.index, job.reader.name, part.notes, part.stats)
             mine = set(part.targets)
+            cursor = _Cursor(container, stream, job.index, job.reader.name, part.notes, part.stats, wanted=mine)
             stored: set[int] = set()
             for target in part.targets:
                 if job.first_failed[0] < part.number:
@@ -209,9 +223,16 @@ def _decode_part(job: _DecodeJob, part: _Part) -> None:
 
 
 class _Cursor:
-    """Walks the decoded frames of a stream, seeking to keyframes when that skips enough."""
+    """Walks the decoded frames of a stream, seeking to keyframes when that skips enough.
 
-    def __init__(self, container, stream, index: _StreamIndex, name: str, notes: list[str], stats: dict[str, int]):
+    With timestamps, the decoder drops the non-reference pictures that are not in `wanted`
+    (SKIP_UNWANTED_NONREF); without them frames are counted in decoding order, so none is dropped.
+    """
+
+    def __init__(
+        self, container, stream, index: _StreamIndex, name: str, notes: list[str], stats: dict[str, int],
+        wanted: set[int] = frozenset(),
+    ):
         self.container = container
         self.stream = stream
         self.index = index
@@ -221,7 +242,11 @@ class _Cursor:
         self.pts_to_index = {p: i for i, p in enumerate(index.pts)} if index.pts is not None else None
         if self.pts_to_index is None:
             notes.append(f"{name}: packets lack unique timestamps; frames are counted in decoding order (no seeking)")
-        self.frames = container.decode(stream)
+        self.wanted = wanted
+        self.skip_unwanted = (
+            SKIP_UNWANTED_NONREF and self.pts_to_index is not None and _nonref_skipping_is_exact(stream.codec_context)
+        )
+        self.frames = self._decode()
         self.position = -1  # presentation index of the last frame returned
         self.counter = 0  # frames decoded since the start (the index when there are no timestamps)
         self.exhausted = False
@@ -244,10 +269,23 @@ class _Cursor:
         except av.error.FFmpegError as error:
             self.notes.append(f"{self.name}: seeking failed ({error}); decoding forward instead")
             return
-        self.frames = self.container.decode(self.stream)
+        self.frames = self._decode()
         self.position = -1
         self.seek_keyframe = k
         self.stats["seeks"] += 1
+
+    def _decode(self):
+        """The decoded frames from the demuxer's position on (`container.decode`, packet by packet)."""
+        context = self.stream.codec_context
+        for packet in self.container.demux(self.stream):  # ends with an empty packet that flushes
+            if self.skip_unwanted:
+                i = self.pts_to_index.get(packet.pts)  # None for the flushing packet
+                if i is None or i in self.wanted:
+                    context.skip_frame = "DEFAULT"
+                else:
+                    context.skip_frame = "NONREF"
+                    self.stats["nonref_marked_packets"] += 1
+            yield from packet.decode()
 
     def next_frame(self, target: int):
         """The next decoded frame as (presentation index, frame), or None at the end."""
@@ -286,6 +324,21 @@ class _Cursor:
                 continue  # a leading frame from before the seek point
             self.position = i
             return i, frame
+
+
+def _nonref_skipping_is_exact(codec_context) -> bool:
+    """Whether FFmpeg's decoder of this stream drops only pictures that no other picture uses.
+
+    H.264: a picture with nal_ref_idc 0. HEVC: a sub-layer non-reference picture, which pictures of
+    higher temporal sub-layers may still use, so only when the stream has one sub-layer (read from
+    the hvcC record of MP4/MKV: numTemporalLayers, bits 3-5 of byte 21). Other codecs: not skipped.
+    """
+    if codec_context.name == "h264":
+        return True
+    if codec_context.name == "hevc":
+        record = codec_context.extradata
+        return record is not None and len(record) > 22 and record[0] == 1 and (record[21] >> 3) & 7 == 1
+    return False
 
 
 def _nearest_index(sorted_pts: list[int], pts: int | None) -> int:

@@ -5,7 +5,7 @@ again) and on (decode once, encode once, answer many), through `pipeline("video-
     python benchmarks/bench_questions.py --files 4 --minutes 60 --questions 12
     python benchmarks/bench_questions.py --tiny          # same code on CPU in seconds (used by the tests)
 
-Files are generated H.264 (1280x720, 30 fps, a keyframe every 3 s, B-frames). Writes
+Files are generated H.264 (1280x720, 30 fps, a keyframe every 3 s, 3 B-frames between references). Writes
 benchmarks/results/questions-<machine>-<date>.json and .md.
 """
 
@@ -54,16 +54,25 @@ def now(device) -> float:
     return time.perf_counter()
 
 
-def make_files(folder: Path, count: int, minutes: float, width: int, height: int) -> list[Path]:
-    """`count` distinct long files (each its own clip, so no two decode alike)."""
+def make_files(folder: Path, count: int, minutes: float, width: int, height: int, bframes: int = 3) -> list[Path]:
+    """`count` distinct long files (each its own clip, so no two decode alike). With `bframes`, x264
+    puts that many B-frames between references (the middle one a reference too), as most downloaded
+    videos have; left to choose (`bframes` 0: the runs before 2026-12-02), x264 used none for this
+    synthetic picture."""
     folder.mkdir(parents=True, exist_ok=True)
     files = []
     for i in range(count):
-        path = folder / f"questions-{i}-{minutes:g}min.mp4"
+        suffix = f"-b{bframes}" if bframes else ""
+        path = folder / f"questions-{i}-{minutes:g}min{suffix}.mp4"
         if not path.exists():
+            options = {"preset": "veryfast", "crf": str(20 + i)}
+            if bframes:
+                options["x264-params"] = f"bframes={bframes}:b-adapt=0:b-pyramid=normal"
+            else:
+                options["bf"] = "2"
             write_long_video(
                 path, duration=60 * minutes, clip_seconds=10.0, fps=30, width=width, height=height, gop=90,
-                codec_options={"preset": "veryfast", "bf": "2", "crf": str(20 + i)},
+                codec_options=options,
             )
         files.append(path)
     return files
@@ -189,6 +198,7 @@ def main(argv=None):
     parser.add_argument("--max-frames", type=int, default=1024)
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--height", type=int, default=720)
+    parser.add_argument("--bframes", type=int, default=3, help="B-frames between references (0: x264's choice)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--profile-later", action="store_true", help="also write a cProfile of a later question")
     parser.add_argument("--decode-backends", nargs="+", default=["auto"], choices=["auto", "pyav", "nvdec"],
@@ -209,7 +219,7 @@ def main(argv=None):
     folder = Path(args.workdir)
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    files = make_files(folder, args.files, args.minutes, args.width, args.height)
+    files = make_files(folder, args.files, args.minutes, args.width, args.height, args.bframes)
     print(f"files ready in {time.perf_counter() - t0:.1f} s", flush=True)
     args.decode_backend = args.decode_backends[0]
     warm_up(vqa, files, args)

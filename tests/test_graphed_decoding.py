@@ -4,6 +4,8 @@ On the CPU the step runs eagerly, which checks everything but the capture: the b
 the attention mask over the static cache's slots, end-of-sequence padding and the final cut.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from transformers_tempo import graphed_decoding
 from transformers_tempo.graphed_decoding import (
     STOP_CHECK_EVERY,
     graphed_greedy_search,
+    release_graphed_decoding,
     wants_graphed_decoding,
 )
 
@@ -34,6 +37,7 @@ def steppers(monkeypatch):
 @pytest.fixture
 def both(steppers):
     def run(model, inputs, **gen):
+        release_graphed_decoding(model.plain_decoder())  # no stepper kept from an earlier test
         steppers.clear()
         reference = model.generate(**inputs, **GREEDY, **gen)
         assert not steppers  # the reference is transformers' own loop (on the CPU generate never picks ours)
@@ -126,11 +130,17 @@ def test_cuda_graph_replay_equals_transformers_loop(tokenizer, hand_inputs, step
     reference = model.generate(**inputs, **GREEDY, max_new_tokens=20)
     assert not steppers
     model.graphed_decoding = True
-    for _ in range(2):  # a graph per call, each against that call's cache
+    for _ in range(2):  # the graph captured by the first call is replayed by the second
         graphed = model.generate(**inputs, **GREEDY, max_new_tokens=20)
         assert steppers[-1].graph is not None
         assert torch.equal(graphed, reference)
-    assert len(steppers) == 2
+    assert len(steppers) == 1
+    other = {k: v.to("cuda") for k, v in hand_inputs([1]).model_inputs().items()}  # another batch size
+    model.graphed_decoding = False
+    expected = model.generate(**other, **GREEDY, max_new_tokens=20)
+    model.graphed_decoding = True
+    assert torch.equal(model.generate(**other, **GREEDY, max_new_tokens=20), expected)
+    assert len(steppers) == 2 and steppers[-1].graph is not None
 
 
 def test_a_failed_capture_decodes_eagerly_with_one_warning(tiny_model, hand_inputs, monkeypatch, caplog):
@@ -158,3 +168,44 @@ def test_a_failed_capture_decodes_eagerly_with_one_warning(tiny_model, hand_inpu
     warnings = [r.getMessage() for r in caplog.records if "without a CUDA graph" in r.getMessage()]
     expected = "decoding without a CUDA graph: capturing the decoding step failed (operation not permitted when stream is capturing)"
     assert warnings == [expected]
+
+
+def kept(model):
+    return model.plain_decoder().__dict__.get(graphed_decoding._KEPT)
+
+
+def test_the_stepper_and_its_cache_are_kept_for_the_next_call(tiny_model, hand_inputs, steppers):
+    """The second call of the same shape reuses the first call's stepper and static cache (reset),
+    gives transformers' tokens again, and does not change what the first call returned."""
+    model = copy.deepcopy(tiny_model)
+    inputs = hand_inputs([2, 1]).model_inputs()
+    other = hand_inputs([1, 3]).model_inputs()
+    expected = [model.generate(**x, **GREEDY, max_new_tokens=7) for x in (inputs, other)]
+    first = model.generate(**inputs, **GREEDY, custom_generate=graphed_greedy_search, max_new_tokens=7)
+    stepper = kept(model)
+    assert stepper is not None and steppers == [stepper]
+    second = model.generate(**other, **GREEDY, custom_generate=graphed_greedy_search, max_new_tokens=7)
+    assert steppers == [stepper] and kept(model) is stepper  # same batch size and cache length
+    assert torch.equal(first, expected[0]) and torch.equal(second, expected[1])
+
+
+def test_another_shape_replaces_the_kept_stepper_and_turning_off_releases_it(tiny_model, hand_inputs, steppers):
+    model = copy.deepcopy(tiny_model)
+    model.generate(**hand_inputs([2, 1]).model_inputs(), **GREEDY, custom_generate=graphed_greedy_search, max_new_tokens=5)
+    single = hand_inputs([2]).model_inputs()
+    expected = model.generate(**single, **GREEDY, max_new_tokens=5)
+    assert torch.equal(model.generate(**single, **GREEDY, custom_generate=graphed_greedy_search, max_new_tokens=5), expected)
+    assert len(steppers) == 2 and kept(model) is steppers[1]
+    model.graphed_decoding = False
+    model.generate(**single, **GREEDY, max_new_tokens=5)
+    assert kept(model) is None
+
+
+def test_a_cache_asked_back_is_not_kept(tiny_model, hand_inputs, steppers):
+    model = copy.deepcopy(tiny_model)
+    inputs = hand_inputs([2]).model_inputs()
+    out = model.generate(**inputs, **GREEDY, custom_generate=graphed_greedy_search, max_new_tokens=5, return_dict_in_generate=True)
+    assert kept(model) is None and len(steppers) == 1
+    again = model.generate(**inputs, **GREEDY, custom_generate=graphed_greedy_search, max_new_tokens=5)
+    assert kept(model) is not None and kept(model).cache is not out.cache  # the returned cache stays the caller's
+    assert torch.equal(again, out.sequences)

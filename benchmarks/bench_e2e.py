@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from transformers_tempo import TempoConfig, TempoForConditionalGeneration  # noqa: E402
 from transformers_tempo.fused_projections import DECODER_GROUPS, fuse_projections, set_fused_projections  # noqa: E402
+from transformers_tempo.graphed_decoding import release_graphed_decoding  # noqa: E402
 from transformers_tempo.processing_tempo import TempoProcessor  # noqa: E402
 from transformers_tempo.streaming import compress_streaming  # noqa: E402
 from transformers_tempo.testing_utils import build_tiny_model, build_tiny_tokenizer  # noqa: E402
@@ -165,6 +166,8 @@ def profile_decode(model, prepared, device, out_dir: Path, new_tokens: int, mode
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     model.graphed_decoding = mode.startswith("graphed")
     set_fused_projections(model, mode != "graphed-unfused")
+    release_graphed_decoding(model.plain_decoder())
+    timed_answer(model, prepared, device, new_tokens, cache_implementation="static")  # capture outside the profile
     with profile(activities=activities) as prof:
         timed_answer(model, prepared, device, new_tokens, cache_implementation="static")
     model.graphed_decoding = True
@@ -289,6 +292,7 @@ def run_workload(model, processor, frames_count, args, device):
             extra = {"cache_implementation": "static"} if mode != "dynamic" else {}
             model.graphed_decoding = mode.startswith("graphed")
             set_fused_projections(model, mode != "graphed-unfused")
+            release_graphed_decoding(model.plain_decoder())  # a graph kept from another mode would replay it
             # timed without a streamer: it would sync every step (and switch the graphed loop off)
             try:  # warm-up with the same shapes (the static cache's length follows max_new_tokens)
                 timed_answer(model, prepared, device, args.new_tokens, **extra)

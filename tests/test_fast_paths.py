@@ -288,7 +288,7 @@ def test_compiled_decode_attention_reads_grouped_cache_and_equals_reference():
 
 def test_decode_attention_is_transformers_sdpa_outside_compiled_single_token_steps():
     module, q, k, v, mask = _decode_case()
-    # eager single-token step (dynamic cache decoding): transformers' function, bit for bit
+    # a single-token step on the CPU (eager decoding): transformers' function, bit for bit
     eager = decode_attention(module, q, k, v, mask, scaling=0.25)[0]
     assert torch.equal(eager, sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)[0])
     # several query tokens (prefill), even under compile: transformers' function

@@ -177,17 +177,21 @@ _GQA_WITH_MASK = is_torch_greater_or_equal("2.11", accept_dev=True)
 
 
 def decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """transformers' sdpa attention, except for single-token steps under torch.compile or CUDA-graph capture.
+    """transformers' sdpa attention, except for single-token steps on a CUDA device or under torch.compile.
 
     Why: with a static cache (compiled decoding) transformers' sdpa path has a mask, so it does not
     pass `enable_gqa`; it copies each layer's whole KV cache n_rep (4) times with `repeat_kv` at every
     step and attends over the copies. `bench_decode_attention.py` on an H100 at 8.3k cached tokens:
     120 us per layer that way, 15 us with `enable_gqa=True` and the same mask (same error against a
-    float32 reference); generate() 69-78 -> 99 tokens/s. Every other call (prefill, training, eager
-    decoding, where transformers already uses `enable_gqa` when it has no mask) is transformers' own.
+    float32 reference); generate() 69-78 -> 99 tokens/s. Every CUDA step takes it, not only the
+    captured ones: the graphed loop's warm-up step must run the very kernels its capture records,
+    so that nothing is set up for the first time inside the capture. (On one H200 a batch-8 capture
+    failed, "operation not permitted when stream is capturing", while only the capture took this
+    path; not yet re-run with both on it.) Every other call
+    (prefill, training, decoding on the CPU) is transformers' own.
     """
-    graphed = torch.compiler.is_compiling() or (query.is_cuda and torch.cuda.is_current_stream_capturing())
-    if query.shape[2] != 1 or not _GQA_WITH_MASK or (dropout and module.training) or not graphed:
+    step = torch.compiler.is_compiling() or query.is_cuda
+    if query.shape[2] != 1 or not _GQA_WITH_MASK or (dropout and module.training) or not step:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )

@@ -1,11 +1,13 @@
 """One matmul for projections that read the same input: the decoder's q/k/v and gate/up.
 
-At batch 1 a decoding step is a chain of matrix-vector products that read the weights once each.
-Small ones run far below the memory bandwidth: on one H200 a decoding step's k_proj and v_proj
-(2560 -> 1024) take about 8 us each for 5 MB, q_proj about 12 us for 21 MB, while one product over
-the three weights together reads its 31 MB at the rate of the large ones. Fusing therefore saves
-time in every decoding step without changing what is computed: the fused output is the three
-outputs side by side, each column the same dot product.
+At batch 1 a decoding step is a chain of matrix-vector products that read the weights once each,
+and small ones run far below the memory bandwidth: in a profile of one decoding step on an H200 the
+smallest of the decoder's seven products per layer took about 8 us, as long as reading 30 MB at the
+rate of the large ones, for 5 MB of weights. One product over q/k/v (and one over gate/up) reads
+the same bytes in fewer, larger kernels without changing what is computed: the fused output is the
+outputs side by side, each column the same dot product. Measured on one H200 (Tempo-6B architecture,
+1024 frames, graphed greedy decoding, same run): 139 tokens/s fused against 125 unfused, the same
+greedy tokens.
 
 The checkpoint format is kept: each projection's weight stays a parameter under its own name, now a
 view into one shared buffer (no extra memory), and `state_dict`, loading and saving see the same

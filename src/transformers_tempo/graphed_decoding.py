@@ -9,12 +9,14 @@ holds the whole step: decoder forward, head, argmax, the end-of-sequence bookkee
 update of the next step's inputs (token, position, attention mask), so the loop only replays it
 and looks at the device every `STOP_CHECK_EVERY` steps.
 
-Measured on one NVIDIA H200 (Tempo-6B architecture, random bf16 weights, 8.4k-token prompt): 209
-tokens/s against 121-138 for transformers' compiled static-cache loop in the same run, the same
-greedy tokens; a 256-token answer decodes in 1.40 s. The graph replays eager kernels: compiling the
-step with inductor first measured no faster (208 tokens/s), so it is not done. The graph and the
-static cache it reads are kept on the decoder for the next call of the same batch size and cache
-length (`_kept_stepper` says why and what that costs in memory).
+Measured on one NVIDIA H200 (Tempo-6B architecture, random bf16 weights, 8.3k-token prompt, 32 new
+tokens, all in one run): 139 tokens/s, against 123-137 for transformers' compiled static-cache loop,
+the same greedy tokens; a 256-token answer in 2.00 s. An earlier build measured 209 tokens/s and a
+256-token answer in 1.40 s on the same machine kind; the difference is not yet explained (a decoding
+profile of this build is still to be taken). The graph replays eager kernels: compiling the step with
+inductor first measured no faster, so it is not done. The graph and the static cache it reads are
+kept on the decoder for the next call of the same batch size and cache length (`_kept_stepper` says
+why and what that costs in memory).
 
 It is a transformers `custom_generate` callable (`generate(..., custom_generate=graphed_greedy_search)`),
 so `generate` prepares the cache, the prompt, the stopping criteria and the output as usual. It
@@ -304,9 +306,7 @@ class _GreedyStepper:
         self._restore(*saved)
         # The calls `torch.cuda.graph(...)` makes, minus what it does on entry: it empties torch's GPU
         # and pinned-host memory caches (and older torch runs `gc.collect()`), so every later allocation
-        # of the process would go back to the driver. On one H200, a later question about a cached video
-        # took 1.27 s with that context manager and a capture per call, against 0.93 s with one capture
-        # kept across calls; this capture is expected to close most of that gap (not yet measured).
+        # of the process would go back to the driver.
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         with torch.cuda.stream(stream):

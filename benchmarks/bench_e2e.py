@@ -159,12 +159,16 @@ def first_difference(a, b) -> int | None:
     return None if a.shape[1] == b.shape[1] else n
 
 
+# model.graphed_decoding per graphed decode mode (the other modes run transformers' loop)
+GRAPHED_MODES = {"graphed": True, "graphed-eager": "eager", "graphed-unfused": "eager"}
+
+
 def profile_decode(model, prepared, device, out_dir: Path, new_tokens: int, mode: str = "static") -> Path:
     """Profile one static-cache answer: transformers' loop ("static") or a graphed mode."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    model.graphed_decoding = mode.startswith("graphed")
+    model.graphed_decoding = GRAPHED_MODES.get(mode, False)
     set_fused_projections(model, mode != "graphed-unfused")
     release_graphed_decoding(model.plain_decoder())
     timed_answer(model, prepared, device, new_tokens, cache_implementation="static")  # capture outside the profile
@@ -290,7 +294,7 @@ def run_workload(model, processor, frames_count, args, device):
         answers = {}
         for mode in args.decode_modes:
             extra = {"cache_implementation": "static"} if mode != "dynamic" else {}
-            model.graphed_decoding = mode.startswith("graphed")
+            model.graphed_decoding = GRAPHED_MODES.get(mode, False)
             set_fused_projections(model, mode != "graphed-unfused")
             release_graphed_decoding(model.plain_decoder())  # a graph kept from another mode would replay it
             # timed without a streamer: it would sync every step (and switch the graphed loop off)
@@ -308,7 +312,7 @@ def run_workload(model, processor, frames_count, args, device):
             row[f"decode_{mode}_tokens_per_s"] = rate
             row["generate_peak_gib"] = max(row.get("generate_peak_gib", 0.0), peak_gib(device))
             print(json.dumps({"frames": frames_count, "mode": mode, "prefill_s": first, "tokens_per_s": rate}), flush=True)
-            if mode == "graphed" and args.long_answer:
+            if mode.startswith("graphed") and args.long_answer:
                 _, long_rate, long_total, long_out = timed_answer(model, prepared, device, args.long_answer, **extra)
                 row[f"answer_{args.long_answer}_tokens_{mode}_s"] = long_total
                 row[f"answer_{args.long_answer}_tokens_{mode}_tokens_per_s"] = long_rate
@@ -535,8 +539,8 @@ def main(argv=None):
     p.add_argument("--gpu-preprocess", action="store_true", help="preprocess frames on the GPU")
     p.add_argument("--long-answer", type=int, default=None, metavar="TOKENS",
                    help="with a graphed decode mode: also time an answer of this many tokens")
-    p.add_argument("--decode-modes", nargs="+", default=["dynamic"], choices=["dynamic", "static", "graphed", "graphed-unfused"],
-                   help="KV cache for decoding: 'static' is transformers' compiled loop, 'graphed' replays one CUDA graph per step, 'graphed-unfused' the same without fused projections")
+    p.add_argument("--decode-modes", nargs="+", default=["dynamic"], choices=["dynamic", "static", *GRAPHED_MODES],
+                   help="KV cache for decoding: 'static' is transformers' compiled loop; 'graphed' replays one CUDA graph of the compiled step, 'graphed-eager' of the eager kernels, 'graphed-unfused' the same without fused projections")
     p.add_argument("--flops", action="store_true", help="count compressor FLOPs (one extra pass)")
     p.add_argument("--compare-tempo-forward-decode", action="store_true",
                    help="also decode through Tempo's own forward (the path before the plain Qwen3 view)")

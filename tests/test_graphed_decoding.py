@@ -209,3 +209,87 @@ def test_a_cache_asked_back_is_not_kept(tiny_model, hand_inputs, steppers):
     again = model.generate(**inputs, **GREEDY, custom_generate=graphed_greedy_search, max_new_tokens=5)
     assert kept(model) is not None and kept(model).cache is not out.cache  # the returned cache stays the caller's
     assert torch.equal(again, out.sequences)
+
+
+@pytest.fixture
+def cpu_stepper(tiny_model, hand_inputs):
+    """A stepper after a prefill, on the CPU, and the state its warm-up must leave unchanged."""
+
+    def make(mode=True, pretend_cuda=True):
+        decoder = tiny_model.plain_decoder()
+        decoder.graphed_decoding = mode
+        inputs = hand_inputs([2]).model_inputs()
+        embeds = tiny_model.prepare_generation_inputs(**inputs).inputs_embeds
+        from transformers import StaticCache
+
+        cache = StaticCache(config=decoder.config, max_cache_len=embeds.shape[1] + 4)
+        with torch.no_grad():
+            logits = decoder(inputs_embeds=embeds, cache=cache, use_cache=True).logits
+        stepper = graphed_decoding._GreedyStepper(decoder, cache, 1)
+        if pretend_cuda:  # what __init__ decides on a CUDA device
+            stepper.compile_step = mode != "eager"
+        stepper.start(logits[:, -1].argmax(-1), {}, None, None)
+        saved = [stepper._state(), [layer.cumulative_length.clone() for layer in cache.layers]]
+        return stepper, saved
+
+    return make
+
+
+def test_the_step_is_compiled_before_capture_unless_eager(cpu_stepper, monkeypatch):
+    compiled, ran = [], []
+
+    def fake_compile(fn, **kwargs):
+        compiled.append(kwargs)
+
+        def run():
+            ran.append(fn)
+            return fn()
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    stepper, saved = cpu_stepper()
+    with torch.no_grad():
+        stepper._warm_up(saved)
+    assert compiled == [{"dynamic": False}] and ran == [stepper._step]  # warmed up through the compiled step
+    assert stepper._run is not stepper._step  # ... which is what the capture records
+    for buffer, before in zip(stepper._buffers(), saved[0]):
+        assert torch.equal(buffer, before)  # the warm-up leaves no trace
+    eager, saved = cpu_stepper("eager")
+    with torch.no_grad():
+        eager._warm_up(saved)
+    assert len(compiled) == 1 and eager._run == eager._step
+    assert not cpu_stepper(pretend_cuda=False)[0].compile_step  # on the CPU nothing is compiled
+
+
+def test_a_failed_compilation_captures_the_eager_step_with_one_warning(cpu_stepper, monkeypatch, caplog):
+    import logging
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor: no triton")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: broken)
+    monkeypatch.setattr(graphed_decoding, "_WARNED", set())
+    with caplog.at_level(logging.WARNING, logger="transformers_tempo.graphed_decoding"), torch.no_grad():
+        for _ in range(2):
+            stepper, saved = cpu_stepper()
+            stepper._warm_up(saved)
+            assert stepper._run == stepper._step
+            for buffer, before in zip(stepper._buffers(), saved[0]):
+                assert torch.equal(buffer, before)
+    warnings = [r.getMessage() for r in caplog.records if "without compiling" in r.getMessage()]
+    assert warnings == ["capturing the decoding step without compiling it: compiling failed (inductor: no triton)"]
+
+
+def test_the_compiled_step_gives_the_eager_steps_tokens(cpu_stepper):
+    """Inductor really compiles the step (on the CPU here) and it advances the buffers as the eager step does."""
+    compiled, saved = cpu_stepper()
+    eager, _ = cpu_stepper("eager")
+    with torch.no_grad():
+        compiled._warm_up(saved)
+        for _ in range(3):
+            compiled.step()
+            eager.step()
+    assert compiled._run is not compiled._step
+    assert torch.equal(compiled.tokens(4), eager.tokens(4))
+    assert torch.equal(compiled.position, eager.position) and torch.equal(compiled.mask, eager.mask)

@@ -11,9 +11,10 @@ greedy tokens.
 
 The checkpoint format is kept: each projection's weight stays a parameter under its own name, now a
 view into one shared buffer (no extra memory), and `state_dict`, loading and saving see the same
-names and shapes. The fused product is only used for inference: with gradients enabled, inside
-`torch.compile` (which fuses by itself), or once a weight no longer lies in the shared buffer (after
-`.to()` or a replaced parameter), every projection falls back to its own `nn.Linear.forward`.
+names and shapes. The fused product is only used for eager inference: with gradients enabled,
+inside `torch.compile` (whose tracing would have to follow the shared-input bookkeeping), or once a
+weight no longer lies in the shared buffer (after `.to()` or a replaced parameter), every projection
+falls back to its own `nn.Linear.forward`.
 """
 
 from __future__ import annotations

@@ -9,15 +9,14 @@ holds the whole step: decoder forward, head, argmax, the end-of-sequence bookkee
 update of the next step's inputs (token, position, attention mask), so the loop only replays it
 and looks at the device every `STOP_CHECK_EVERY` steps.
 
-Measured on one NVIDIA H200 (Tempo-6B architecture, random bf16 weights, 8.3k-token prompt, 32 new
-tokens, all in one run): 139 tokens/s, against 123-137 for transformers' compiled static-cache loop,
-the same greedy tokens; a 256-token answer in 2.00 s. The graph replays eager kernels: besides about
-2.8 ms of matmuls and attention, a step runs about 1,270 small element-wise kernels (RMSNorm in
-pieces, rotary, SiLU, residual adds, casts), about 4 ms. An earlier build measured 209 tokens/s, and
-its profile shows no per-step norm kernels, as if its step had been compiled by inductor; capturing a
-compiled step is the next thing to measure. The graph and the static cache it reads are kept on the
-decoder for the next call of the same batch size and cache length (`_kept_stepper` says why and
-what that costs in memory).
+The step is compiled by inductor before it is captured (`_GreedyStepper._warm_up` says why;
+`graphed_decoding = "eager"` captures the eager kernels instead). Measured on one NVIDIA H200
+(Tempo-6B architecture, random bf16 weights, 8.3k-token prompt, 32 new tokens): a graph of the eager
+kernels 139 tokens/s, against 123-137 for transformers' compiled static-cache loop in the same run,
+the same greedy tokens (a 256-token answer in 2.00 s); a graph of the compiled step 208-209 tokens/s
+in an earlier build (a 256-token answer in 1.40 s). The two are not yet timed in one run. The graph
+and the static cache it reads are kept on the decoder for the next call of the same batch size and
+cache length (`_kept_stepper` says why and what that costs in memory).
 
 It is a transformers `custom_generate` callable (`generate(..., custom_generate=graphed_greedy_search)`),
 so `generate` prepares the cache, the prompt, the stopping criteria and the output as usual. It
@@ -211,6 +210,9 @@ class _GreedyStepper:
         self.eos = torch.zeros(0, dtype=torch.long, device=device)
         self.graph = None
         self.use_graph = device.type == "cuda"
+        # What the graph records: the step compiled by inductor (True), or its eager kernels ("eager").
+        self.compile_step = self.use_graph and getattr(model, "graphed_decoding", True) != "eager"
+        self._run = self._step
         self.model_dtype, self.batch_size, self.has_eos = model.dtype, batch_size, None
 
     def __deepcopy__(self, memo):
@@ -266,7 +268,7 @@ class _GreedyStepper:
         if self.graph is not None:
             self.graph.replay()
         else:
-            self._step()
+            self._run()
 
     def tokens(self, count: int) -> torch.Tensor:
         return self.output[:, :count]
@@ -302,9 +304,8 @@ class _GreedyStepper:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._step()
+            self._warm_up(saved)
         torch.cuda.current_stream().wait_stream(stream)
-        self._restore(*saved)
         # The calls `torch.cuda.graph(...)` makes, minus what it does on entry: it empties torch's GPU
         # and pinned-host memory caches (and older torch runs `gc.collect()`), so every later allocation
         # of the process would go back to the driver.
@@ -313,12 +314,37 @@ class _GreedyStepper:
         with torch.cuda.stream(stream):
             graph.capture_begin()  # a private memory pool: calls in other threads cannot share it
             try:
-                self._step()
+                self._run()
             finally:
                 graph.capture_end()
         torch.cuda.current_stream().wait_stream(stream)
         self._restore(*saved)  # capturing records the kernels without running them; be sure anyway
         self.graph = graph
+
+    def _warm_up(self, saved) -> None:
+        """Run the step once as it will be captured (compiling it first, see `compile_step`), then
+        undo what it changed.
+
+        Why compile: replayed eagerly, a step of the 4B decoder is about 2.8 ms of matmuls and
+        attention plus about 1,270 small element-wise kernels (RMSNorm in pieces, rotary, SiLU,
+        residual adds, casts) that take about 4 ms more (profiled on one H200: 125 tokens/s unfused,
+        139 with fused projections). Inductor fuses them; a graph of the compiled step measured
+        208-209 tokens/s on the same machine kind. The first call of each stepper pays the
+        compilation; if it fails, the eager kernels are captured instead, with one warning.
+        """
+        if self.compile_step:
+            self._run = torch.compile(self._step, dynamic=False)
+            try:
+                self._run()
+            except Exception as error:  # noqa: BLE001 - any compiler failure: capture the eager step
+                self._run = self._step
+                self._restore(*saved)
+                _warn_once(f"capturing the decoding step without compiling it: compiling failed ({error})")
+            else:
+                self._restore(*saved)
+                return
+        self._run()
+        self._restore(*saved)
 
     def _buffers(self) -> tuple[torch.Tensor, ...]:
         """What a step changes besides the cache."""

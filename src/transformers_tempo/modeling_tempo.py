@@ -695,7 +695,8 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
     # Decoding steps are plain Qwen3 steps: `generate(cache_implementation="static")` compiles them.
     _can_compile_fullgraph = True
     # Greedy decoding with a static cache on CUDA replays each step from one CUDA graph
-    # (`graphed_decoding.graphed_greedy_search`); False: transformers' own loop.
+    # (`graphed_decoding.graphed_greedy_search`) of the inductor-compiled step; "eager": a graph
+    # of the eager kernels; False: transformers' own loop.
     graphed_decoding = True
 
     def __init__(self, config: TempoConfig):

@@ -196,6 +196,9 @@ def test_another_shape_replaces_the_kept_stepper_and_turning_off_releases_it(tin
     expected = model.generate(**single, **GREEDY, max_new_tokens=5)
     assert torch.equal(model.generate(**single, **GREEDY, custom_generate=graphed_greedy_search, max_new_tokens=5), expected)
     assert len(steppers) == 2 and kept(model) is steppers[1]
+    model.graphed_decoding = "eager"  # another kind of graph: not the kept one
+    assert torch.equal(model.generate(**single, **GREEDY, custom_generate=graphed_greedy_search, max_new_tokens=5), expected)
+    assert len(steppers) == 3 and kept(model) is steppers[2] and steppers[2].mode == "eager"
     model.graphed_decoding = False
     model.generate(**single, **GREEDY, max_new_tokens=5)
     assert kept(model) is None

@@ -211,7 +211,8 @@ class _GreedyStepper:
         self.graph = None
         self.use_graph = device.type == "cuda"
         # What the graph records: the step compiled by inductor (True), or its eager kernels ("eager").
-        self.compile_step = self.use_graph and getattr(model, "graphed_decoding", True) != "eager"
+        self.mode = getattr(model, "graphed_decoding", True)
+        self.compile_step = self.use_graph and self.mode != "eager"
         self._run = self._step
         self.model_dtype, self.batch_size, self.has_eos = model.dtype, batch_size, None
 
@@ -222,6 +223,7 @@ class _GreedyStepper:
         """Whether this stepper (captured or not) can decode a call with these settings."""
         return (
             self.model is model
+            and self.mode == getattr(model, "graphed_decoding", True)
             and self.model_dtype == model.dtype
             and self.token.device == model.device
             and self.batch_size == batch_size

@@ -74,7 +74,7 @@ def test_one_product_per_group_and_nothing_kept(decoder, monkeypatch):
     torch.testing.assert_close(up, x @ decoder.model.layers[0].mlp.up_proj.weight.T)
     group = mlp.gate_proj.forward.group
     assert group is mlp.up_proj.forward.group
-    assert group.input is None and group.outputs == []  # released once both were taken
+    assert group.pending == {}  # released once both were taken
 
 
 def test_members_called_out_of_order_or_alone_are_right(decoder):
@@ -110,6 +110,67 @@ def test_a_moved_or_replaced_weight_turns_the_fused_product_off(decoder):
     attention.k_proj.weight = nn.Parameter(torch.zeros_like(attention.k_proj.weight))
     with torch.no_grad():
         assert torch.equal(attention.k_proj(torch.ones(1, 64, dtype=torch.float64)), torch.zeros(1, 32, dtype=torch.float64))
+
+
+def test_a_moved_model_frees_the_old_buffer_and_can_be_fused_again(decoder):
+    fused = fused_copy(decoder).to(torch.float64)
+    group = fused.model.layers[0].mlp.gate_proj.forward.group
+    ids = torch.randint(0, 101, (1, 6))
+    with torch.no_grad():
+        fused(ids)
+    assert group.stale and group.weight is None  # the float32 buffer is not kept alive
+    assert fuse_projections(fused, DECODER_GROUPS) == 4
+    refused = fused.model.layers[0].mlp.gate_proj.forward.group
+    assert refused is not group and refused.weight.dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, copy.deepcopy(decoder).to(torch.float64)(ids).logits)
+
+
+def test_a_deep_copy_computes_with_its_own_weights(decoder):
+    fused = fused_copy(decoder)
+    twin = copy.deepcopy(fused)
+    attention = twin.model.layers[0].self_attn
+    assert attention.q_proj.forward.group is not fused.model.layers[0].self_attn.q_proj.forward.group
+    assert attention.q_proj.forward.linear is attention.q_proj
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+        x = torch.randn(2, 64)
+        assert torch.equal(attention.q_proj(x), torch.zeros(2, 64))  # the copy's zeros, not the source's weights
+        assert fused.model.layers[0].self_attn.q_proj(x).abs().sum() > 0
+
+
+def test_a_fused_model_pickles(decoder):
+    import io
+
+    fused = fused_copy(decoder)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    ids = torch.randint(0, 101, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, decoder(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_two_threads_get_their_own_slices(decoder):
+    from concurrent.futures import ThreadPoolExecutor
+
+    mlp = fused_copy(decoder).model.layers[0].mlp
+    plain = decoder.model.layers[0].mlp
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        wrong = 0
+        with torch.no_grad():
+            for _ in range(200):
+                x = torch.randn(4, 64, generator=g)
+                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+                wrong += not (torch.allclose(gate, plain.gate_proj(x), atol=1e-5) and torch.allclose(up, plain.up_proj(x), atol=1e-5))
+        return wrong
+
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(run, [1, 2])) == [0, 0]
 
 
 def test_groups_that_cannot_be_fused_are_left_alone(decoder):

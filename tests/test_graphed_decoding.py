@@ -296,3 +296,40 @@ def test_the_compiled_step_gives_the_eager_steps_tokens(cpu_stepper):
     assert compiled._run is not compiled._step
     assert torch.equal(compiled.tokens(4), eager.tokens(4))
     assert torch.equal(compiled.position, eager.position) and torch.equal(compiled.mask, eager.mask)
+
+
+def test_a_cache_the_caller_passes_stays_the_callers(tiny_model, hand_inputs, steppers):
+    from transformers import StaticCache
+
+    model = copy.deepcopy(tiny_model)
+    inputs = hand_inputs([2]).model_inputs()
+    model.generate(**inputs, **GREEDY, custom_generate=graphed_greedy_search, max_new_tokens=5)
+    before = kept(model)
+    expected = model.generate(**inputs, do_sample=False, max_new_tokens=5)
+    decoder = model.plain_decoder()
+    mine = StaticCache(config=decoder.config, max_cache_len=before.cache.get_max_length())
+    out = model.generate(**inputs, do_sample=False, custom_generate=graphed_greedy_search, max_new_tokens=5, cache=mine)
+    assert torch.equal(out, expected)
+    assert mine.is_initialized and kept(model) is before and before.cache is not mine  # filled, not swapped, not kept
+
+
+def test_moved_weights_get_a_new_stepper(tiny_model, hand_inputs, steppers):
+    model = copy.deepcopy(tiny_model)
+    inputs = hand_inputs([2]).model_inputs()
+    first = model.generate(**inputs, **GREEDY, custom_generate=graphed_greedy_search, max_new_tokens=5)
+    model.to(torch.float64).to(torch.float32)  # same values, new storage: a captured graph would read freed memory
+    again = model.generate(**inputs, **GREEDY, custom_generate=graphed_greedy_search, max_new_tokens=5)
+    assert len(steppers) == 2 and kept(model) is steppers[1]
+    assert torch.equal(first, again)
+
+
+def test_a_stepper_no_call_can_use_is_released(tiny_model, hand_inputs, steppers):
+    model = copy.deepcopy(tiny_model)
+    inputs = hand_inputs([2]).model_inputs()
+    model.generate(**inputs, **GREEDY, custom_generate=graphed_greedy_search, max_new_tokens=5)
+    model.generate(**inputs, do_sample=True, max_new_tokens=3)  # another kind of call keeps it
+    stepper = kept(model)
+    assert stepper is not None
+    stepper.token = stepper.token.to("meta")  # as if the decoder had moved to another device since
+    model.generate(**inputs, do_sample=True, max_new_tokens=3)
+    assert kept(model) is None

@@ -19,6 +19,8 @@ falls back to its own `nn.Linear.forward`.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -28,8 +30,8 @@ class _FusedGroup:
     """Linear layers called one after the other on the same input, computed by one product.
 
     The first member called on an input computes every member's output at once; the others take
-    their slice. The outputs are dropped once every member has taken its own, so nothing is kept
-    alive between calls.
+    their slice. Pending slices are kept per thread (two threads may run the same layer at once)
+    and dropped once every member has taken its own, so nothing is kept alive between calls.
     """
 
     def __init__(self, members: list[nn.Linear]):
@@ -41,36 +43,43 @@ class _FusedGroup:
             member.weight = nn.Parameter(self.weight[start : start + size], requires_grad=member.weight.requires_grad)
             start += size
         self.pointers = [member.weight.data_ptr() for member in members]
-        self.input = None
-        self.outputs: list[torch.Tensor | None] = []
+        self.pending: dict[int, tuple[torch.Tensor, list]] = {}  # thread -> (input, slices not yet taken)
         self.enabled = True  # `set_fused_projections`
+        self.stale = False  # a weight left the shared buffer: the group is off for good
 
     def usable(self) -> bool:
-        if not self.enabled or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if self.stale or not self.enabled or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return False
-        return [member.weight.data_ptr() for member in self.members] == self.pointers
+        if [member.weight.data_ptr() for member in self.members] != self.pointers:
+            # Moved (`.to()`), cast or replaced: free the old buffer rather than keep a second copy.
+            self.stale, self.weight, self.pending = True, None, {}
+            return False
+        return True
 
     def output(self, index: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        if hidden_states is not self.input or self.outputs[index] is None:
-            self.input = hidden_states
-            self.outputs = list(F.linear(hidden_states, self.weight).split(self.sizes, dim=-1))
-        output, self.outputs[index] = self.outputs[index], None
-        if all(taken is None for taken in self.outputs):
-            self.input, self.outputs = None, []
+        thread = threading.get_ident()
+        entry = self.pending.get(thread)
+        if entry is None or entry[0] is not hidden_states or entry[1][index] is None:
+            entry = (hidden_states, list(F.linear(hidden_states, self.weight).split(self.sizes, dim=-1)))
+            self.pending[thread] = entry
+        output, entry[1][index] = entry[1][index], None
+        if all(taken is None for taken in entry[1]):
+            del self.pending[thread]
         return output
 
 
-def _member_forward(linear: nn.Linear, group: _FusedGroup, index: int):
-    """The `forward` installed on one member of `group`: its slice of the fused product, or its own
-    product where the fused one does not apply."""
+class _FusedMember:
+    """The `forward` installed on one member of a group: its slice of the fused product, or its own
+    product where the fused one does not apply. An object, not a closure, so that `copy.deepcopy`
+    and pickling of the model copy it along with the layer and its group."""
 
-    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        if not group.usable():
-            return nn.Linear.forward(linear, hidden_states)
-        return group.output(index, hidden_states)
+    def __init__(self, linear: nn.Linear, group: _FusedGroup, index: int):
+        self.linear, self.group, self.index = linear, group, index
 
-    forward.group = group
-    return forward
+    def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.group.usable():
+            return nn.Linear.forward(self.linear, hidden_states)
+        return self.group.output(self.index, hidden_states)
 
 
 def _fusable(members: list[nn.Module]) -> bool:
@@ -82,9 +91,19 @@ def _fusable(members: list[nn.Module]) -> bool:
         and member.weight.dtype == first.weight.dtype
         and member.weight.device == first.weight.device
         and member.weight.device.type != "meta"
-        and "forward" not in vars(member)  # not fused already, nor wrapped by someone else
+        and _own_forward(member)
         for member in members
     )
+
+
+def _own_forward(member: nn.Module) -> bool:
+    """Whether the layer runs its class's forward (not wrapped by someone else, nor fused in a group
+    that is still live); a stale group's forward is taken off."""
+    installed = vars(member).get("forward")
+    if isinstance(installed, _FusedMember) and installed.group.stale:
+        del member.forward
+        return True
+    return installed is None
 
 
 def fuse_projections(module: nn.Module, groups: dict[str, tuple[str, ...]]) -> int:
@@ -93,7 +112,8 @@ def fuse_projections(module: nn.Module, groups: dict[str, tuple[str, ...]]) -> i
 
     Members must be bias-free `nn.Linear` layers on the same device and dtype; other groups are left
     as they are. Returns the number of groups fused. Call it after the model reached its device and
-    dtype (a later `.to()` quietly turns the fused product off).
+    dtype: a later `.to()` turns the fused product off (and frees its buffer at the next call) until
+    `fuse_projections` is called again.
     """
     fused = 0
     for submodule in list(module.modules()):
@@ -106,7 +126,7 @@ def fuse_projections(module: nn.Module, groups: dict[str, tuple[str, ...]]) -> i
         group = _FusedGroup(members)
         for index, member in enumerate(members):
             # An instance attribute, not a submodule: the module tree and state_dict stay unchanged.
-            member.forward = _member_forward(member, group, index)
+            member.forward = _FusedMember(member, group, index)
         fused += 1
     return fused
 
@@ -116,6 +136,7 @@ def set_fused_projections(module: nn.Module, enabled: bool = True) -> int:
     (off: each projection computes its own product from the same weights). Returns the number of
     groups switched."""
     groups = {id(group): group for m in module.modules() if (group := getattr(vars(m).get("forward"), "group", None))}
+    groups = {key: group for key, group in groups.items() if not group.stale}
     for group in groups.values():
         group.enabled = enabled
     return len(groups)

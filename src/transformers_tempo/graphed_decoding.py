@@ -32,7 +32,9 @@ without CUDA graphs the same step runs eagerly (the tests use that to check the 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
+import weakref
 
 import torch
 from transformers import GenerationMixin, StaticCache
@@ -43,7 +45,13 @@ from transformers.generation.stopping_criteria import (
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
-__all__ = ["STOP_CHECK_EVERY", "graphed_greedy_search", "release_graphed_decoding", "wants_graphed_decoding"]
+__all__ = [
+    "STOP_CHECK_EVERY",
+    "graphed_greedy_search",
+    "release_graphed_decoding",
+    "release_stale_graphed_decoding",
+    "wants_graphed_decoding",
+]
 
 logger = logging.get_logger(__name__)
 
@@ -92,7 +100,9 @@ def graphed_greedy_search(
     max_length, eos = plan
     new_tokens = max_length - input_ids.shape[1]
     # A cache the caller gave (already filled) or asks back is the caller's: decode in it, keep nothing.
-    keep = not generation_config.return_dict_in_generate and not model_kwargs["cache"].is_initialized
+    cache = model_kwargs["cache"]
+    asked_back = generation_config.return_dict_in_generate or getattr(cache, "_is_user_defined", False)
+    keep = not (asked_back or cache.is_initialized)
     with _kept_stepper(model, model_kwargs, input_ids.shape[0], eos, keep) as stepper:
         outputs = model._prefill(input_ids, generation_config, model_kwargs)
         first = outputs.logits[:, -1].to(dtype=torch.float32).argmax(-1)
@@ -129,11 +139,13 @@ def _kept_stepper(model, model_kwargs: dict, batch_size: int, eos, keep: bool):
     call is swapped for the kept one (reset) before the prefill, and, being allocated lazily, never
     takes memory. So the model holds one static cache between calls (about 1.3 GB for Tempo-6B at
     8k tokens) until a call with another batch size or cache length replaces it, or
-    `graphed_decoding` is turned off (`release_graphed_decoding`). A call from a second thread while
-    one decodes, or one with `keep` False, gets a stepper of its own for that call only.
+    `graphed_decoding` is turned off (`release_graphed_decoding`); a stepper only fits while the
+    decoder's weights stay where its graph reads them. A call from a second thread while one decodes,
+    or one with `keep` False, gets a stepper of its own for that call only.
     """
     cache = model_kwargs["cache"]
-    if not keep or not _KEPT_LOCK.acquire(blocking=False):
+    lock = _LOCKS.setdefault(model, threading.Lock())
+    if not keep or not lock.acquire(blocking=False):
         yield _GreedyStepper(model, cache, batch_size)
         return
     try:
@@ -148,17 +160,30 @@ def _kept_stepper(model, model_kwargs: dict, batch_size: int, eos, keep: bool):
         yield stepper
         model.__dict__[_KEPT] = stepper
     finally:
-        _KEPT_LOCK.release()
+        lock.release()
 
 
 def release_graphed_decoding(model) -> None:
     """Drop the decoding graph and static cache kept on `model` (the decoder `generate` runs)."""
-    with _KEPT_LOCK:
+    with _LOCKS.setdefault(model, threading.Lock()):
         model.__dict__.pop(_KEPT, None)
 
 
+def release_stale_graphed_decoding(model) -> None:
+    """Drop the stepper kept on `model` once no call can use it: graphed decoding turned off, or the
+    decoder moved to another device (its static cache would hold GPU memory for nothing)."""
+    kept = model.__dict__.get(_KEPT)
+    if kept is not None and (not getattr(model, "graphed_decoding", True) or kept.token.device != model.device):
+        release_graphed_decoding(model)
+
+
 _KEPT = "_graphed_decoding_stepper"  # in the decoder's __dict__: not a submodule, not in state_dict
-_KEPT_LOCK = threading.Lock()
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder -> the lock of its kept stepper
+
+
+def _addresses(model) -> tuple[int, ...]:
+    """Where `model`'s weights and buffers live: a captured graph reads them there."""
+    return tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def _plan(model, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer, model_kwargs):
@@ -212,6 +237,7 @@ class _GreedyStepper:
         self.use_graph = device.type == "cuda"
         # What the graph records: the step compiled by inductor (True), or its eager kernels ("eager").
         self.mode = getattr(model, "graphed_decoding", True)
+        self.addresses = _addresses(model)
         self.compile_step = self.use_graph and self.mode != "eager"
         self._run = self._step
         self.model_dtype, self.batch_size, self.has_eos = model.dtype, batch_size, None
@@ -224,6 +250,7 @@ class _GreedyStepper:
         return (
             self.model is model
             and self.mode == getattr(model, "graphed_decoding", True)
+            and self.addresses == _addresses(model)  # not moved, cast, reloaded or fused since
             and self.model_dtype == model.dtype
             and self.token.device == model.device
             and self.batch_size == batch_size
@@ -314,7 +341,9 @@ class _GreedyStepper:
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         with torch.cuda.stream(stream):
-            graph.capture_begin()  # a private memory pool: calls in other threads cannot share it
+            # A private memory pool, so that graphs of other threads cannot share it, and errors for
+            # this thread only: another thread's sync or allocation must not break this capture.
+            graph.capture_begin(capture_error_mode="thread_local")
             try:
                 self._run()
             finally:

@@ -38,7 +38,7 @@ from .generation_tempo import (
     reject_prompt_positions,
     resolve_ata_options,
 )
-from .graphed_decoding import graphed_greedy_search, release_graphed_decoding, wants_graphed_decoding
+from .graphed_decoding import graphed_greedy_search, release_stale_graphed_decoding, wants_graphed_decoding
 from .token_allocation import ATA_OPTION_NAMES, ata_for_samples, select_tokens
 
 logger = logging.get_logger(__name__)
@@ -929,8 +929,8 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
         decoder = self.plain_decoder()
         if wants_graphed_decoding(decoder, self.generation_config, kwargs):
             kwargs["custom_generate"] = graphed_greedy_search
-        elif not self.graphed_decoding:
-            release_graphed_decoding(decoder)  # the graph and static cache kept from earlier calls
+        else:
+            release_stale_graphed_decoding(decoder)  # a graph and static cache no call can use any more
         with decode_attention_while_generating(self.config.text_config):
             output = decoder.generate(
                 inputs_embeds=decoder_inputs.inputs_embeds, attention_mask=decoder_inputs.attention_mask, **kwargs

@@ -14,7 +14,8 @@ view into one shared buffer (no extra memory), and `state_dict`, loading and sav
 names and shapes. The fused product is only used for eager inference: with gradients enabled,
 inside `torch.compile` (whose tracing would have to follow the shared-input bookkeeping), or once a
 weight no longer lies in the shared buffer (after `.to()` or a replaced parameter), every projection
-falls back to its own `nn.Linear.forward`.
+falls back to its own `nn.Linear.forward`. So with graphed decoding's default (a compiled step) the
+fused product serves the prefill and eager steps (`graphed_decoding = "eager"`), not the replayed step.
 """
 
 from __future__ import annotations

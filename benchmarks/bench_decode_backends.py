@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from transformers_tempo import video_decoding, video_decoding_nvdec  # noqa: E402
-from transformers_tempo.synthetic import write_long_video  # noqa: E402
+from transformers_tempo.synthetic import benchmark_h264_options, write_long_video  # noqa: E402
 from transformers_tempo.video_loading import load_video  # noqa: E402
 
 
@@ -90,15 +90,9 @@ def video_file(args) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_long_video(
             path, duration=60 * args.minutes, clip_seconds=10.0, fps=30, width=width, height=height, gop=90,
-            codec_options=encoder_options(args.bframes),
+            codec_options=benchmark_h264_options(args.bframes),
         )
     return path
-
-
-def encoder_options(bframes: int) -> dict[str, str]:
-    if bframes == 0:
-        return {"preset": "veryfast", "bf": "2"}  # the earlier runs' file
-    return {"preset": "veryfast", "x264-params": f"bframes={bframes}:b-adapt=0:b-pyramid=normal"}
 
 
 def timed_load(path, **options):

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import build  # noqa: E402
 
 from transformers_tempo.pipeline_tempo import VideoQuestionAnsweringPipeline  # noqa: E402
-from transformers_tempo.synthetic import write_long_video  # noqa: E402
+from transformers_tempo.synthetic import benchmark_h264_options, write_long_video  # noqa: E402
 from transformers_tempo.video_cache import configure_video_cache, default_video_cache  # noqa: E402
 
 QUESTIONS = [
@@ -55,24 +55,17 @@ def now(device) -> float:
 
 
 def make_files(folder: Path, count: int, minutes: float, width: int, height: int, bframes: int = 3) -> list[Path]:
-    """`count` distinct long files (each its own clip, so no two decode alike). With `bframes`, x264
-    puts that many B-frames between references (the middle one a reference too), as most downloaded
-    videos have; left to choose (`bframes` 0: the runs before 2026-12-02), x264 used none for this
-    synthetic picture."""
+    """`count` distinct long files (each its own clip, so no two decode alike), with `bframes`
+    B-frames between references (`benchmark_h264_options`)."""
     folder.mkdir(parents=True, exist_ok=True)
     files = []
     for i in range(count):
         suffix = f"-b{bframes}" if bframes else ""
         path = folder / f"questions-{i}-{minutes:g}min{suffix}.mp4"
         if not path.exists():
-            options = {"preset": "veryfast", "crf": str(20 + i)}
-            if bframes:
-                options["x264-params"] = f"bframes={bframes}:b-adapt=0:b-pyramid=normal"
-            else:
-                options["bf"] = "2"
             write_long_video(
                 path, duration=60 * minutes, clip_seconds=10.0, fps=30, width=width, height=height, gop=90,
-                codec_options=options,
+                codec_options={**benchmark_h264_options(bframes), "crf": str(20 + i)},
             )
         files.append(path)
     return files

@@ -273,6 +273,15 @@ def _write_silence(stream, container, seconds: float) -> None:
         container.mux(packet)
 
 
+def benchmark_h264_options(bframes: int) -> dict[str, str]:
+    """x264 options of the benchmarks' generated long files: `bframes` B-frames between references,
+    the middle one a reference too (b-adapt=0, b-pyramid), as most downloaded videos have. With 0,
+    x264 may use 2 but chooses none for this synthetic picture (the files of runs before 2026-12-02)."""
+    if not bframes:
+        return {"preset": "veryfast", "bf": "2"}
+    return {"preset": "veryfast", "x264-params": f"bframes={bframes}:b-adapt=0:b-pyramid=normal"}
+
+
 def write_long_video(
     path: str | os.PathLike,
     duration: float,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import platform
 import subprocess
@@ -104,17 +105,15 @@ def main(argv=None):
     with state.main_process_first():  # the main process writes the videos, the others then find them
         videos = make_videos(video_dir, args.videos, seconds, width, height, args.video_fps)
     items = [{"id": f"v{i:04d}", "video": str(v), "question": QUESTIONS[i % len(QUESTIONS)]} for i, v in enumerate(videos)]
-    loaded = []
 
+    @functools.cache
     def load():  # once per process: later batch sizes reuse the model (and its compilation)
-        if not loaded:
-            from transformers import pipeline
+        from transformers import pipeline
 
-            model, processor = build(args.tiny, device, dtype, args.attn)
-            if args.compile:
-                model.enable_compiled_inference()
-            loaded.append(pipeline("video-question-answering", model=model, processor=processor, device=device))
-        return loaded[0]
+        model, processor = build(args.tiny, device, dtype, args.attn)
+        if args.compile:
+            model.enable_compiled_inference()
+        return pipeline("video-question-answering", model=model, processor=processor, device=device)
 
     runs = []
     for batch_size in args.batch_size:

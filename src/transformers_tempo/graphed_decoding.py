@@ -240,7 +240,7 @@ class _GreedyStepper:
         self.addresses = _addresses(model)
         self.compile_step = self.use_graph and self.mode != "eager"
         self._run = self._step
-        self.model_dtype, self.batch_size, self.has_eos = model.dtype, batch_size, None
+        self.batch_size, self.has_eos = batch_size, None
 
     def __deepcopy__(self, memo):
         return None  # a copy of the model starts without a kept stepper (a CUDA graph cannot be copied)
@@ -251,7 +251,6 @@ class _GreedyStepper:
             self.model is model
             and self.mode == getattr(model, "graphed_decoding", True)
             and self.addresses == _addresses(model)  # not moved, cast, reloaded or fused since
-            and self.model_dtype == model.dtype
             and self.token.device == model.device
             and self.batch_size == batch_size
             and self.cache.get_max_length() == cache.get_max_length()

@@ -187,8 +187,8 @@ def decode_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     captured ones: the graphed loop's warm-up step must run the very kernels its capture records,
     so that nothing is set up for the first time inside the capture. (On one H200 a batch-8 capture
     failed, "operation not permitted when stream is capturing", while only the capture took this
-    path; not yet re-run with both on it.) Every other call
-    (prefill, training, decoding on the CPU) is transformers' own.
+    path; not yet re-run with both on it.) Every other call (prefill, training, decoding on the
+    CPU) is transformers' own.
     """
     step = torch.compiler.is_compiling() or query.is_cuda
     if query.shape[2] != 1 or not _GQA_WITH_MASK or (dropout and module.training) or not step:

@@ -17,11 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPast,
-    CausalLMOutputWithPast,
-    ModelOutput,
-)
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, ModelOutput
 from transformers.utils import can_return_tuple, logging
 
 from .configuration_tempo import TempoConfig
@@ -314,9 +310,7 @@ class TempoModel(TempoPreTrainedModel):
         chunk = compressor_batch_size or self.config.compressor_batch_size
         bar = None
         if progress:
-            from transformers.utils.logging import (
-                tqdm,  # honours transformers.utils.logging.disable_progress_bar()
-            )
+            from transformers.utils.logging import tqdm  # honours transformers.utils.logging.disable_progress_bar()
 
             bar = tqdm(total=num_rows, desc="compressing segments", unit="seg", leave=False)
         features = None

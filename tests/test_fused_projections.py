@@ -77,6 +77,43 @@ def test_one_product_per_group_and_nothing_kept(decoder, monkeypatch):
     assert group.pending == {}  # released once both were taken
 
 
+def compiled_logits(model, ids):
+    """Logits of `model` compiled by inductor (CPU), with the code inductor generated."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        logits, code = run_and_get_code(torch.compile(lambda x: model(x).logits, fullgraph=True, dynamic=False), ids)
+    return logits, "\n".join(code)
+
+
+def test_compiled_model_computes_one_product_per_group(decoder):
+    fused = fused_copy(decoder)
+    ids = torch.randint(0, 101, (1, 5))
+    logits, code = compiled_logits(fused, ids)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, decoder(ids).logits, rtol=1e-5, atol=1e-5)
+    # per layer: q/k/v, o, gate/up, down; then the head (unfused: 7 per layer + 1)
+    assert code.count("extern_kernels.mm(") == 4 * decoder.config.num_hidden_layers + 1
+    groups = {member.forward.group for member in (fused.model.layers[0].self_attn.q_proj, fused.model.layers[1].mlp.up_proj)}
+    assert all(group.traced is None and group.pending == {} for group in groups)  # nothing outlives the call
+
+
+def test_compiled_model_after_a_cast_or_a_replaced_weight_takes_the_plain_path(decoder):
+    fused = fused_copy(decoder).to(torch.float64)  # no eager call in between: the trace must notice
+    plain = copy.deepcopy(decoder).to(torch.float64)
+    ids = torch.randint(0, 101, (1, 5))
+    logits, code = compiled_logits(fused, ids)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, plain(ids).logits)
+    assert code.count("extern_kernels.mm(") == 7 * decoder.config.num_hidden_layers + 1
+    fused = fused_copy(decoder)
+    fused.model.layers[0].self_attn.k_proj.weight = nn.Parameter(torch.zeros(32, 64))
+    logits, _ = compiled_logits(fused, ids)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, fused(ids).logits)
+
+
 def test_members_called_out_of_order_or_alone_are_right(decoder):
     fused = fused_copy(decoder)
     attention, plain = fused.model.layers[1].self_attn, decoder.model.layers[1].self_attn
@@ -184,6 +221,7 @@ def test_enable_compiled_inference_fuses_the_decoder_only(tiny_model, monkeypatc
     from transformers_tempo import modeling_tempo
 
     monkeypatch.setattr(modeling_tempo.TempoModel, "compile_compressor", lambda self, **kw: None)
+    monkeypatch.setattr(modeling_tempo.TempoModel, "compile_decoder", lambda self, **kw: None)
     model = copy.deepcopy(tiny_model).enable_compiled_inference()
     fused = [name for name, m in model.named_modules() if "forward" in vars(m)]
     layers = model.config.text_config.num_hidden_layers

@@ -217,6 +217,34 @@ def test_compiled_compressor_takes_new_row_lengths_without_recompiling(tiny_mode
     torch._dynamo.reset()
 
 
+def test_compiled_decoder_answers_as_eager_for_any_prompt_length(tiny_model, hand_inputs):
+    graphs = []
+
+    def counting_backend(gm, example_inputs):  # called once per compilation
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = copy.deepcopy(tiny_model)
+    torch._dynamo.reset()
+    compiled.model.compile_decoder(backend=counting_backend)
+    options = dict(do_sample=False, max_new_tokens=4, cache_implementation="static")
+    lengths = []
+    for samples, seed in (([2], 5), ([3], 6)):  # one video each, prompts of two lengths
+        inputs = hand_inputs(samples, seed=seed).model_inputs()
+        lengths.append(compiled.prepare_generation_inputs(**inputs).inputs_embeds.shape[1])
+        expected = tiny_model.generate(**inputs, **options)
+        assert torch.equal(compiled.generate(**inputs, **options), expected)
+        if seed == 5:
+            compiled_once = len(graphs)
+    assert lengths[0] != lengths[1]
+    assert compiled_once >= 1
+    norms = modeling_tempo.decoder_norms(compiled.model.language_model)
+    assert len(norms) == 4 * compiled.config.text_config.num_hidden_layers + 1
+    assert all(norm._compiled_call_impl is not None for norm in norms)
+    assert len(graphs) == compiled_once  # the second prompt, of another length, compiled nothing new
+    torch._dynamo.reset()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_inductor_compiled_compressor_on_gpu_equals_eager(tiny_model, hand_inputs):
     inputs = hand_inputs([3], grid=(4, 4, 6), seed=6)

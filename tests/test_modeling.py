@@ -486,11 +486,12 @@ def test_static_cache_generate_uses_a_bucketed_cache_and_same_tokens(tiny_model,
     assert torch.equal(static, dynamic)
 
 
-def test_enable_compiled_inference_compiles_compressor_and_selects_static_cache(tiny_model, monkeypatch):
+def test_enable_compiled_inference_compiles_compressor_and_decoder_and_selects_static_cache(tiny_model, monkeypatch):
     model = copy.deepcopy(tiny_model)
     compiled = []
     monkeypatch.setattr(modeling_tempo.TempoModel, "compile_compressor", lambda self, **kw: compiled.append(kw))
+    monkeypatch.setattr(modeling_tempo.TempoModel, "compile_decoder", lambda self, **kw: compiled.append(("decoder", kw)))
     assert model.enable_compiled_inference(mode="max-autotune") is model
-    assert compiled == [{"mode": "max-autotune"}]
+    assert compiled == [{"mode": "max-autotune"}, ("decoder", {"mode": "max-autotune"})]
     assert model.generation_config.cache_implementation == "static"
     assert tiny_model.generation_config.cache_implementation != "static"

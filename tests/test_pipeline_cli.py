@@ -203,6 +203,7 @@ def test_compile_flag_compiles_the_compressor(tmp_path, monkeypatch, capsys):
 
     calls, caches = [], []
     monkeypatch.setattr(modeling_tempo.TempoModel, "compile_compressor", lambda self, **kw: calls.append(self))
+    monkeypatch.setattr(modeling_tempo.TempoModel, "compile_decoder", lambda self, **kw: calls.append(self))
     real_generate = modeling_tempo.TempoForConditionalGeneration.generate
 
     def spy_generate(self, *args, **kwargs):
@@ -212,6 +213,6 @@ def test_compile_flag_compiles_the_compressor(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(modeling_tempo.TempoForConditionalGeneration, "generate", spy_generate)
     monkeypatch.setenv("TEMPO_CACHE", str(tmp_path))
     assert cli.main(["demo", "--json", "--compile", "--max-new-tokens", "2"]) == 0
-    assert len(calls) == 1 and isinstance(calls[0], modeling_tempo.TempoModel)
+    assert len(calls) == 2 and all(isinstance(call, modeling_tempo.TempoModel) for call in calls)
     assert caches == ["static"]  # decoding through a static cache (compiled on GPUs)
     assert json.loads(capsys.readouterr().out)["sampled_frames"] == 24

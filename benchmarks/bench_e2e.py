@@ -12,6 +12,7 @@ ATA + projection + splice, prefill (first decoder step), decoding tokens/s; peak
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from transformers_tempo import TempoConfig, TempoForConditionalGeneration  # noqa: E402
 from transformers_tempo.fused_projections import DECODER_GROUPS, fuse_projections, set_fused_projections  # noqa: E402
 from transformers_tempo.graphed_decoding import release_graphed_decoding  # noqa: E402
+from transformers_tempo.modeling_tempo import decoder_norms  # noqa: E402
 from transformers_tempo.processing_tempo import TempoProcessor  # noqa: E402
 from transformers_tempo.streaming import compress_streaming  # noqa: E402
 from transformers_tempo.testing_utils import build_tiny_model, build_tiny_tokenizer  # noqa: E402
@@ -163,22 +165,60 @@ def first_difference(a, b) -> int | None:
 GRAPHED_MODES = {"graphed": True, "graphed-eager": "eager", "graphed-unfused": "eager"}
 
 
+@contextlib.contextmanager
+def uncompiled_decoder(model, uncompiled: bool = True):
+    """Run the decoder without the compile of `compile_decoder` (nothing to undo when it was not compiled)."""
+    norms = decoder_norms(model.model.language_model)
+    saved = [norm._compiled_call_impl for norm in norms]
+    if uncompiled:
+        for norm in norms:
+            norm._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for norm, compiled in zip(norms, saved):
+            norm._compiled_call_impl = compiled
+
+
+# decode modes that time the paths before `compile_decoder`: the eager decoder captured as it was
+UNCOMPILED_DECODER_MODES = {"graphed-eager", "graphed-unfused"}
+
+
 def profile_decode(model, prepared, device, out_dir: Path, new_tokens: int, mode: str = "static") -> Path:
-    """Profile one static-cache answer: transformers' loop ("static") or a graphed mode."""
+    """Profile one static-cache answer (its prefill included: `profile_prefill` profiles that
+    alone): transformers' loop ("static") or a graphed mode."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     model.graphed_decoding = GRAPHED_MODES.get(mode, False)
     set_fused_projections(model, mode != "graphed-unfused")
     release_graphed_decoding(model.plain_decoder())
-    timed_answer(model, prepared, device, new_tokens, cache_implementation="static")  # capture outside the profile
+    options = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, cache_implementation="static")
+    model.generate(decoder_inputs=prepared, **options)  # capture outside the profile
     with profile(activities=activities) as prof:
-        timed_answer(model, prepared, device, new_tokens, cache_implementation="static")
+        model.generate(decoder_inputs=prepared, **options)
+        now(device)
     model.graphed_decoding = True
     set_fused_projections(model, True)
     path = out_dir / f"profile-decode-{mode}.txt"
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     path.write_text(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
+    return path
+
+
+def profile_prefill(model, prepared, device, out_dir: Path) -> Path:
+    """Profile the prefill alone: a one-token static-cache answer (after one untimed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    options = dict(max_new_tokens=1, do_sample=False, cache_implementation="static")
+    model.generate(decoder_inputs=prepared, **options)
+    with profile(activities=activities) as prof:
+        model.generate(decoder_inputs=prepared, **options)
+        now(device)
+    path = out_dir / "profile-prefill.txt"
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
     return path
 
 
@@ -237,6 +277,44 @@ def compressor_seconds(model, processor, frames_count, args, device, repeats=2, 
     return best
 
 
+def run_decode_mode(model, prepared, device, mode: str, args, row: dict, answers: dict) -> None:
+    """Time one decode mode's answer (after a warm-up) into `row`, its tokens into `answers`."""
+    extra = {"cache_implementation": "static"} if mode != "dynamic" else {}
+    model.graphed_decoding = GRAPHED_MODES.get(mode, False)
+    set_fused_projections(model, mode != "graphed-unfused")
+    release_graphed_decoding(model.plain_decoder())  # a graph kept from another mode would replay it
+    # timed without a streamer: it would sync every step (and switch the graphed loop off)
+    try:  # warm-up with the same shapes (the static cache's length follows max_new_tokens)
+        timed_answer(model, prepared, device, args.new_tokens, **extra)
+    except Exception as error:  # noqa: BLE001 - a failing mode is a result, not the end of the run
+        row[f"error_{mode}"] = f"{type(error).__name__}: {error}"[:2000]
+        print(f"decode mode {mode} failed: {row[f'error_{mode}']}", flush=True)
+        return
+    reset_peak(device)
+    first, rate, total, out = timed_answer(model, prepared, device, args.new_tokens, **extra)
+    answers[mode] = out
+    row[f"prefill_{mode}_s"] = first
+    row[f"generate_{mode}_s"] = total
+    row[f"decode_{mode}_tokens_per_s"] = rate
+    row["generate_peak_gib"] = max(row.get("generate_peak_gib", 0.0), peak_gib(device))
+    print(json.dumps({"frames": row["frames"], "mode": mode, "prefill_s": first, "tokens_per_s": rate}), flush=True)
+    if mode.startswith("graphed") and args.long_answer:
+        _, long_rate, long_total, long_out = timed_answer(model, prepared, device, args.long_answer, **extra)
+        row[f"answer_{args.long_answer}_tokens_{mode}_s"] = long_total
+        row[f"answer_{args.long_answer}_tokens_{mode}_tokens_per_s"] = long_rate
+        row[f"answer_{args.long_answer}_tokens_{mode}_produced"] = int(long_out.shape[1])
+
+
+def compressor_by_batch_size(model, processor, frames_count, args, device) -> list[dict]:
+    """The compressor alone (best of two after a warm-up) and its peak memory at each chunk size."""
+    rows = []
+    for size in args.compressor_batch_sizes:
+        reset_peak(device)
+        seconds = compressor_seconds(model, processor, frames_count, argparse.Namespace(**{**vars(args), "compressor_batch_size": size}), device)
+        rows.append({"frames": frames_count, "compressor_batch_size": size, "compressor_s": seconds, "peak_gib": peak_gib(device)})
+    return rows
+
+
 def run_workload(model, processor, frames_count, args, device):
     args.frames_for_profile = args.profile or 1024
     h, w = (720, 1280) if not args.tiny else (96, 160)
@@ -291,32 +369,15 @@ def run_workload(model, processor, frames_count, args, device):
         row["visual_tokens"] = int(prepared.token_allocation.sum())
         row["decoder_len"] = int(prepared.inputs_embeds.shape[1])
 
+        if args.compile_decoder:  # the prefill before and after compile_decoder, same run
+            with uncompiled_decoder(model):
+                row["prefill_uncompiled_decoder_s"] = min(
+                    timed_answer(model, prepared, device, 1, cache_implementation="static")[0] for _ in range(2)
+                )
         answers = {}
         for mode in args.decode_modes:
-            extra = {"cache_implementation": "static"} if mode != "dynamic" else {}
-            model.graphed_decoding = GRAPHED_MODES.get(mode, False)
-            set_fused_projections(model, mode != "graphed-unfused")
-            release_graphed_decoding(model.plain_decoder())  # a graph kept from another mode would replay it
-            # timed without a streamer: it would sync every step (and switch the graphed loop off)
-            try:  # warm-up with the same shapes (the static cache's length follows max_new_tokens)
-                timed_answer(model, prepared, device, args.new_tokens, **extra)
-            except Exception as error:  # noqa: BLE001 - a failing mode is a result, not the end of the run
-                row[f"error_{mode}"] = f"{type(error).__name__}: {error}"[:2000]
-                print(f"decode mode {mode} failed: {row[f'error_{mode}']}", flush=True)
-                continue
-            reset_peak(device)
-            first, rate, total, out = timed_answer(model, prepared, device, args.new_tokens, **extra)
-            answers[mode] = out
-            row[f"prefill_{mode}_s"] = first
-            row[f"generate_{mode}_s"] = total
-            row[f"decode_{mode}_tokens_per_s"] = rate
-            row["generate_peak_gib"] = max(row.get("generate_peak_gib", 0.0), peak_gib(device))
-            print(json.dumps({"frames": frames_count, "mode": mode, "prefill_s": first, "tokens_per_s": rate}), flush=True)
-            if mode.startswith("graphed") and args.long_answer:
-                _, long_rate, long_total, long_out = timed_answer(model, prepared, device, args.long_answer, **extra)
-                row[f"answer_{args.long_answer}_tokens_{mode}_s"] = long_total
-                row[f"answer_{args.long_answer}_tokens_{mode}_tokens_per_s"] = long_rate
-                row[f"answer_{args.long_answer}_tokens_{mode}_produced"] = int(long_out.shape[1])
+            with uncompiled_decoder(model, mode in UNCOMPILED_DECODER_MODES):
+                run_decode_mode(model, prepared, device, mode, args, row, answers)
         for mode, out in answers.items():  # greedy tokens against the eager (dynamic) and compiled (static) loops
             for other in ("dynamic", "static"):
                 if other in answers and other != mode:
@@ -339,7 +400,11 @@ def run_workload(model, processor, frames_count, args, device):
                 row[f"tempo_forward_decode_{mode}_same_tokens"] = bool(torch.equal(old[:, -out.shape[1]:], out))
         if args.profile_decode and frames_count == args.frames_for_profile:
             for mode in set(args.decode_modes) - {"dynamic"}:
-                print(f"wrote {profile_decode(model, prepared, device, Path(args.out), args.new_tokens, mode)}", flush=True)
+                with uncompiled_decoder(model, mode in UNCOMPILED_DECODER_MODES):
+                    path = profile_decode(model, prepared, device, Path(args.out), args.new_tokens, mode)
+                print(f"wrote {path}", flush=True)
+        if args.profile_prefill and frames_count == args.frames_for_profile:
+            print(f"wrote {profile_prefill(model, prepared, device, Path(args.out))}", flush=True)
 
         if args.compare_stock:  # the same compressor pass with the stock transformers code paths
             model.model.set_fast_paths(False)
@@ -545,7 +610,13 @@ def main(argv=None):
     p.add_argument("--compare-tempo-forward-decode", action="store_true",
                    help="also decode through Tempo's own forward (the path before the plain Qwen3 view)")
     p.add_argument("--profile-decode", action="store_true", help="profile static-cache decoding at the --profile size")
+    p.add_argument("--profile-prefill", action="store_true", help="profile the prefill alone at the --profile size")
     p.add_argument("--compile-compressor", action="store_true", help="torch.compile the compressor layers first")
+    p.add_argument("--compile-decoder", action="store_true",
+                   help="with --compile-compressor: also compile the decoder (compile_decoder, as "
+                   "enable_compiled_inference does); the prefill is also timed without it")
+    p.add_argument("--compressor-batch-sizes", type=int, nargs="+", default=None, metavar="N",
+                   help="also time the compressor alone at these chunk sizes (segments per chunk)")
     p.add_argument("--compile-static-shapes", action="store_true",
                    help="with --compile-compressor: specialise on the first shapes (torch.compile's default; "
                    "a new row length recompiles) instead of compiling for any shape")
@@ -583,6 +654,8 @@ def main(argv=None):
                 args.eager_flops[n] = compressor_seconds(model, processor, n, args, device, count_flops=True)
         model.model.compile_compressor(**({"dynamic": None} if args.compile_static_shapes else {}))
         fuse_projections(model.model.language_model, DECODER_GROUPS)  # as enable_compiled_inference does
+        if args.compile_decoder:
+            model.model.compile_decoder()
         for n in frames_list:  # compile for every shape before timing (automatic dynamic shapes settle)
             compressor_seconds(model, processor, n, args, device, repeats=1)
     try:
@@ -604,7 +677,8 @@ def main(argv=None):
         "workloads": [],
     }
     # warm-up: first CUDA calls pay for kernel selection
-    run_workload(model, processor, frames_list[0], argparse.Namespace(**{**vars(args), "flops": False}), device)
+    warm_up = {"flops": False, "profile_decode": False, "profile_prefill": False}
+    run_workload(model, processor, frames_list[0], argparse.Namespace(**{**vars(args), **warm_up}), device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"e2e-{'tiny' if args.tiny else 'gpu'}-{results['date'][:10]}"
@@ -619,6 +693,10 @@ def main(argv=None):
             row["compressor_eager_s"] = eager_compressor[n]
         results["workloads"].append(row)
         print(json.dumps(row), flush=True)
+        save()
+    if args.compressor_batch_sizes:
+        results["compressor_by_batch_size"] = compressor_by_batch_size(model, processor, frames_list[-1], args, device)
+        print(json.dumps(results["compressor_by_batch_size"]), flush=True)
         save()
     if args.profile:
         for path in profile_stages(model, processor, args.profile, args, device, out):

@@ -67,6 +67,24 @@ def test_batched_equals_one_by_one(vqa, videos):
     assert [b["visual_tokens"] for b in batched] == [s["visual_tokens"] for s in singles]
 
 
+def test_pipeline_asks_generate_for_tokens_only(vqa, videos, monkeypatch):
+    """No output dict unless the caller asks: a dict hands back the static cache, and the graphed
+    decoding loop then cannot keep its captured step for the next question."""
+    asked = []
+    real_generate = type(vqa.model).generate
+
+    def spy(self, *args, **kwargs):
+        config = kwargs.get("generation_config") or self.generation_config
+        asked.append(bool(kwargs.get("return_dict_in_generate", config.return_dict_in_generate)))
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(vqa.model), "generate", spy)
+    plain = vqa(video=str(videos[0]), question="What happens?", max_new_tokens=4)
+    as_dict = vqa(video=str(videos[0]), question="What happens?", max_new_tokens=4, return_dict_in_generate=True)
+    assert asked == [False, True]
+    assert plain["answer"] == as_dict["answer"] and plain["visual_tokens"] == as_dict["visual_tokens"]
+
+
 def test_ata_options_per_call(vqa, videos):
     path = str(videos[1])
     small = vqa(video=path, question="What happens?", visual_token_budget=20, max_new_tokens=2)

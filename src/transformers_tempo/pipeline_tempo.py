@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import BatchFeature, Pipeline
+from transformers.utils import ModelOutput
 
 from .generation_tempo import resolve_ata_options
 from .modeling_tempo import VisionFeatures
@@ -262,7 +263,10 @@ class VideoQuestionAnsweringPipeline(Pipeline):
                 video_features = self._video_features(inputs, model_inputs)
         vision_time = _sync(self.device) - t0
         model_keys = dict(inputs)
-        generate_kwargs = {**(generate_kwargs or {}), "return_dict_in_generate": True}
+        # Only the tokens are needed (the relevance and allocation come from `prepared`): asking for
+        # the output dict would hand back the call's static cache, and the graphed decoding loop
+        # keeps its compiled, captured step for the next call only when the cache is not handed back.
+        generate_kwargs = dict(generate_kwargs or {})
         if "generation_config" not in generate_kwargs and getattr(self, "generation_config", None) is not None:
             # One generation config holding the call's options: transformers deprecates passing a
             # config together with generation arguments.
@@ -304,7 +308,8 @@ class VideoQuestionAnsweringPipeline(Pipeline):
 
     def postprocess(self, model_outputs):
         output, prepared, videos = model_outputs["output"], model_outputs["prepared"], model_outputs["videos"]
-        answers = self.processor.batch_decode(output.sequences, skip_special_tokens=True)
+        sequences = output.sequences if isinstance(output, ModelOutput) else output
+        answers = self.processor.batch_decode(sequences, skip_special_tokens=True)
         results = []
         sample_index = prepared.segment_sample_index
         for b, answer in enumerate(answers):

@@ -218,7 +218,7 @@ def test_a_cache_asked_back_is_not_kept(tiny_model, hand_inputs, steppers):
 def cpu_stepper(tiny_model, hand_inputs):
     """A stepper after a prefill, on the CPU, and the state its warm-up must leave unchanged."""
 
-    def make(mode=True, pretend_cuda=True):
+    def make(mode=True, pretend_cuda=True, kept=True):
         decoder = tiny_model.plain_decoder()
         decoder.graphed_decoding = mode
         inputs = hand_inputs([2]).model_inputs()
@@ -228,9 +228,9 @@ def cpu_stepper(tiny_model, hand_inputs):
         cache = StaticCache(config=decoder.config, max_cache_len=embeds.shape[1] + 4)
         with torch.no_grad():
             logits = decoder(inputs_embeds=embeds, cache=cache, use_cache=True).logits
-        stepper = graphed_decoding._GreedyStepper(decoder, cache, 1)
+        stepper = graphed_decoding._GreedyStepper(decoder, cache, 1, kept=kept)
         if pretend_cuda:  # what __init__ decides on a CUDA device
-            stepper.compile_step = mode != "eager"
+            stepper.compile_step = graphed_decoding._compiles_step(torch.device("cuda"), mode, kept)
         stepper.start(logits[:, -1].argmax(-1), {}, None, None)
         saved = [stepper._state(), [layer.cumulative_length.clone() for layer in cache.layers]]
         return stepper, saved
@@ -263,6 +263,30 @@ def test_the_step_is_compiled_before_capture_unless_eager(cpu_stepper, monkeypat
         eager._warm_up(saved)
     assert len(compiled) == 1 and eager._run == eager._step
     assert not cpu_stepper(pretend_cuda=False)[0].compile_step  # on the CPU nothing is compiled
+    one_off, saved = cpu_stepper(kept=False)  # a stepper for one call captures the eager kernels
+    with torch.no_grad():
+        one_off._warm_up(saved)
+    assert len(compiled) == 1 and one_off._run == one_off._step
+
+
+def test_only_a_kept_stepper_compiles(tiny_model, hand_inputs, monkeypatch):
+    """A call that asks the cache back gets a stepper for itself: it must not compile."""
+    made = []
+    real_init = graphed_decoding._GreedyStepper.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(kwargs.get("kept", True))
+
+    monkeypatch.setattr(graphed_decoding._GreedyStepper, "__init__", spy)
+    inputs = hand_inputs([2]).model_inputs()
+    decoder = tiny_model.plain_decoder()
+    graphed_decoding.release_graphed_decoding(decoder)
+    options = dict(GREEDY, custom_generate=graphed_greedy_search, max_new_tokens=4, eos_token_id=None)
+    tiny_model.generate(**inputs, **options, return_dict_in_generate=True)
+    tiny_model.generate(**inputs, **options)
+    assert made == [False, True]
+    graphed_decoding.release_graphed_decoding(decoder)
 
 
 def test_a_failed_compilation_captures_the_eager_step_with_one_warning(cpu_stepper, monkeypatch, caplog):

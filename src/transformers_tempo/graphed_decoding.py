@@ -141,12 +141,13 @@ def _kept_stepper(model, model_kwargs: dict, batch_size: int, eos, keep: bool):
     8k tokens) until a call with another batch size or cache length replaces it, or
     `graphed_decoding` is turned off (`release_graphed_decoding`); a stepper only fits while the
     decoder's weights stay where its graph reads them. A call from a second thread while one decodes,
-    or one with `keep` False, gets a stepper of its own for that call only.
+    or one with `keep` False, gets a stepper of its own for that call only, which captures the eager
+    kernels: compiling takes seconds, more than it saves on one answer.
     """
     cache = model_kwargs["cache"]
     lock = _LOCKS.setdefault(model, threading.Lock())
     if not keep or not lock.acquire(blocking=False):
-        yield _GreedyStepper(model, cache, batch_size)
+        yield _GreedyStepper(model, cache, batch_size, kept=False)
         return
     try:
         kept = model.__dict__.get(_KEPT)
@@ -221,7 +222,7 @@ class _GreedyStepper:
     forward), which rows are still going, and the output row it writes its token to.
     """
 
-    def __init__(self, model, cache: StaticCache, batch_size: int):
+    def __init__(self, model, cache: StaticCache, batch_size: int, kept: bool = True):
         self.model, self.cache = model, cache
         device = model.device
         slots = cache.get_max_length()
@@ -238,7 +239,7 @@ class _GreedyStepper:
         # What the graph records: the step compiled by inductor (True), or its eager kernels ("eager").
         self.mode = getattr(model, "graphed_decoding", True)
         self.addresses = _addresses(model)
-        self.compile_step = self.use_graph and self.mode != "eager"
+        self.compile_step = _compiles_step(device, self.mode, kept)
         self._run = self._step
         self.batch_size, self.has_eos = batch_size, None
 
@@ -388,6 +389,13 @@ class _GreedyStepper:
             buffer.copy_(value)
         for layer, length in zip(self.cache.layers, lengths):
             layer.cumulative_length.copy_(length)
+
+
+def _compiles_step(device: torch.device, mode, kept: bool) -> bool:
+    """Whether a stepper compiles its step before capturing it: on CUDA (the only device it
+    captures on), unless asked for the eager kernels or used for one call only (compiling takes
+    seconds, more than it saves on one answer)."""
+    return device.type == "cuda" and mode != "eager" and kept
 
 
 _WARNED: set = set()

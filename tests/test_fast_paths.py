@@ -191,17 +191,23 @@ def test_compiled_compressor_equals_eager(tiny_model, hand_inputs):
     torch.testing.assert_close(got.relevance_scores, expected.relevance_scores, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("dynamic", [True, None])
-def test_compiled_compressor_takes_new_row_lengths_without_recompiling(tiny_model, hand_inputs, dynamic):
-    graphs = []
+def counting_backend(graphs: list):
+    """A torch.compile backend that runs each traced graph as it is and appends it to `graphs`
+    (one entry per compilation)."""
 
-    def counting_backend(gm, example_inputs):  # called once per compilation
+    def backend(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
+    return backend
+
+
+@pytest.mark.parametrize("dynamic", [True, None])
+def test_compiled_compressor_takes_new_row_lengths_without_recompiling(tiny_model, hand_inputs, dynamic):
+    graphs = []
     compiled = copy.deepcopy(tiny_model)
     torch._dynamo.reset()
-    compiled.model.compile_compressor(backend=counting_backend, **({} if dynamic else {"dynamic": None}))
+    compiled.model.compile_compressor(backend=counting_backend(graphs), **({} if dynamic else {"dynamic": None}))
     first, other = hand_inputs([2, 1], grid=(4, 4, 6), seed=5), hand_inputs([3], grid=(2, 6, 6), seed=6)
     assert first.model_inputs()["compressor_input_ids"].shape[1] != other.model_inputs()["compressor_input_ids"].shape[1]
     compress(compiled, first)
@@ -219,14 +225,9 @@ def test_compiled_compressor_takes_new_row_lengths_without_recompiling(tiny_mode
 
 def test_compiled_decoder_answers_as_eager_for_any_prompt_length(tiny_model, hand_inputs):
     graphs = []
-
-    def counting_backend(gm, example_inputs):  # called once per compilation
-        graphs.append(gm)
-        return gm.forward
-
     compiled = copy.deepcopy(tiny_model)
     torch._dynamo.reset()
-    compiled.model.compile_decoder(backend=counting_backend)
+    compiled.model.compile_decoder(backend=counting_backend(graphs))
     options = dict(do_sample=False, max_new_tokens=4, cache_implementation="static")
     lengths = []
     for samples, seed in (([2], 5), ([3], 6)):  # one video each, prompts of two lengths

@@ -2,6 +2,7 @@
 gate/up, the same function, the same parameters and checkpoint, and a plain fallback where the
 fused product must not run (gradients, a moved or replaced weight)."""
 
+import contextlib
 import copy
 
 import pytest
@@ -9,7 +10,12 @@ import torch
 from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from transformers_tempo.fused_projections import DECODER_GROUPS, fuse_projections, set_fused_projections
+from transformers_tempo.fused_projections import (
+    DECODER_GROUPS,
+    fuse_projections,
+    fused_products_in_trace,
+    set_fused_projections,
+)
 
 
 @pytest.fixture
@@ -77,12 +83,13 @@ def test_one_product_per_group_and_nothing_kept(decoder, monkeypatch):
     assert group.pending == {}  # released once both were taken
 
 
-def compiled_logits(model, ids):
+def compiled_logits(model, ids, fused_in_trace=True):
     """Logits of `model` compiled by inductor (CPU), with the code inductor generated."""
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
-    with torch.inference_mode():
+    allowed = fused_products_in_trace(model) if fused_in_trace else contextlib.nullcontext()
+    with torch.inference_mode(), allowed:
         logits, code = run_and_get_code(torch.compile(lambda x: model(x).logits, fullgraph=True, dynamic=False), ids)
     return logits, "\n".join(code)
 
@@ -97,6 +104,36 @@ def test_compiled_model_computes_one_product_per_group(decoder):
     assert code.count("extern_kernels.mm(") == 4 * decoder.config.num_hidden_layers + 1
     groups = {member.forward.group for member in (fused.model.layers[0].self_attn.q_proj, fused.model.layers[1].mlp.up_proj)}
     assert all(group.traced is None and group.pending == {} for group in groups)  # nothing outlives the call
+
+
+def test_compiled_model_outside_the_block_takes_each_projections_product(decoder):
+    fused = fused_copy(decoder)
+    ids = torch.randint(0, 101, (1, 5))
+    logits, code = compiled_logits(fused, ids, fused_in_trace=False)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, decoder(ids).logits, rtol=1e-5, atol=1e-5)
+    assert code.count("extern_kernels.mm(") == 7 * decoder.config.num_hidden_layers + 1
+
+
+def test_compiled_model_after_weights_left_the_buffer_in_place_takes_the_plain_path(decoder):
+    """The same parameter objects, device and dtype, but new storage: a cast there and back, then
+    new values loaded; a deep copy, then edited. No eager call in between."""
+    ids = torch.randint(0, 101, (1, 5))
+    other = copy.deepcopy(decoder)
+    for parameter in other.parameters():
+        parameter.data.normal_()
+    round_trip = fused_copy(decoder).to(torch.float64).to(torch.float32)
+    round_trip.load_state_dict(other.state_dict())
+    copied = copy.deepcopy(fused_copy(decoder))
+    copied.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        expected = other(ids).logits
+    for model in (round_trip, copied):
+        logits, code = compiled_logits(model, ids)
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        assert code.count("extern_kernels.mm(") == 7 * decoder.config.num_hidden_layers + 1
+        group = model.model.layers[0].mlp.gate_proj.forward.group
+        assert group.stale and group.weight is None  # the old buffer is freed
 
 
 def test_compiled_model_after_a_cast_or_a_replaced_weight_takes_the_plain_path(decoder):

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from transformers_tempo import graphed_decoding
+from transformers_tempo import fused_projections, graphed_decoding
 from transformers_tempo.graphed_decoding import (
     STOP_CHECK_EVERY,
     graphed_greedy_search,
@@ -246,6 +246,7 @@ def test_the_step_is_compiled_before_capture_unless_eager(cpu_stepper, monkeypat
 
         def run():
             ran.append(fn)
+            assert fused_projections._TRACE_FUSED  # the trace may take the fused products
             return fn()
 
         return run

@@ -12,14 +12,16 @@ took each projection on its own, 253 with the fused products traced (two runs, s
 
 The checkpoint format is kept: each projection's weight stays a parameter under its own name, now a
 view into one shared buffer (no extra memory), and `state_dict`, loading and saving see the same
-names and shapes. The fused product is used for inference, eager or compiled: torch.compile traces
-one product per group (`_FusedGroup.traced_output`), so a compiled decoding step reads the fused
-weights too. With gradients enabled, or once a weight no longer lies in the shared buffer (after
-`.to()` or a replaced parameter), every projection falls back to its own `nn.Linear.forward`.
+names and shapes. The fused product is used for eager inference, and in torch.compile traces made
+inside `fused_products_in_trace` (graphed decoding's compiled step): there the trace takes one product
+per group (`_FusedGroup.traced_output`). With gradients enabled, or once a weight no longer lies in
+the shared buffer (after `.to()` or a replaced parameter), every projection falls back to its own
+`nn.Linear.forward`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -54,10 +56,10 @@ class _FusedGroup:
         if self.stale or not self.enabled or torch.is_grad_enabled():
             return False
         if torch.compiler.is_compiling():
-            # Addresses cannot be read while tracing; what can be (and is guarded on): the same
-            # parameter objects, on the buffer's device and dtype. Every eager call (the prefill
-            # before a compiled decoding step is one) still checks the addresses.
-            return all(
+            # Addresses cannot be read while tracing: only traces that `fused_products_in_trace`
+            # allows, which checks them first, take the fused product. Also guarded on: the same
+            # parameter objects, on the buffer's device and dtype.
+            return _TRACE_FUSED and all(
                 member.weight is parameter
                 and parameter.device == self.weight.device
                 and parameter.dtype == self.weight.dtype
@@ -158,15 +160,46 @@ def fuse_projections(module: nn.Module, groups: dict[str, tuple[str, ...]]) -> i
     return fused
 
 
+def _groups(module: nn.Module) -> list[_FusedGroup]:
+    """The live groups that `fuse_projections` made in `module`."""
+    groups = {id(group): group for m in module.modules() if (group := getattr(vars(m).get("forward"), "group", None))}
+    return [group for group in groups.values() if not group.stale]
+
+
 def set_fused_projections(module: nn.Module, enabled: bool = True) -> int:
     """Switch the fused product of every group that `fuse_projections` made in `module` on or off
     (off: each projection computes its own product from the same weights). Returns the number of
     groups switched."""
-    groups = {id(group): group for m in module.modules() if (group := getattr(vars(m).get("forward"), "group", None))}
-    groups = {key: group for key, group in groups.items() if not group.stale}
-    for group in groups.values():
+    groups = _groups(module)
+    for group in groups:
         group.enabled = enabled
     return len(groups)
+
+
+# Whether a torch.compile trace may take the fused products (`fused_products_in_trace`).
+_TRACE_FUSED = False
+
+
+@contextlib.contextmanager
+def fused_products_in_trace(module: nn.Module):
+    """Let torch.compile calls of `module` made inside this block trace the fused products.
+
+    Outside it, traces take each projection's own product. Why only here: a trace cannot see
+    where the weights live, and after `.to()` round trips, `.data` swaps or a deep copy the
+    parameters no longer lie in the group's buffer while still being the same objects of the same
+    device and dtype. So this block first checks every group's addresses eagerly (marking the moved
+    ones stale, which frees their buffer). Graphed decoding compiles and captures its step in it;
+    the compiled code is guarded on this switch, so a call outside the block traces again.
+    """
+    global _TRACE_FUSED
+    for group in _groups(module):
+        group.usable()  # eager: compares the addresses
+        group.traced = None
+    previous, _TRACE_FUSED = _TRACE_FUSED, True
+    try:
+        yield
+    finally:
+        _TRACE_FUSED = previous
 
 
 # The decoder's projections that share an input, by the class of the module that holds them.

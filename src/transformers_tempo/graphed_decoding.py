@@ -45,6 +45,8 @@ from transformers.generation.stopping_criteria import (
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
+from .fused_projections import fused_products_in_trace
+
 __all__ = [
     "STOP_CHECK_EVERY",
     "graphed_greedy_search",
@@ -345,7 +347,8 @@ class _GreedyStepper:
             # this thread only: another thread's sync or allocation must not break this capture.
             graph.capture_begin(capture_error_mode="thread_local")
             try:
-                self._run()
+                with fused_products_in_trace(self.model):  # the compiled code is guarded on it
+                    self._run()
             finally:
                 graph.capture_end()
         torch.cuda.current_stream().wait_stream(stream)
@@ -366,7 +369,8 @@ class _GreedyStepper:
         if self.compile_step:
             self._run = torch.compile(self._step, dynamic=False)
             try:
-                self._run()
+                with fused_products_in_trace(self.model):
+                    self._run()
             except Exception as error:  # noqa: BLE001 - any compiler failure: capture the eager step
                 self._run = self._step
                 self._restore(*saved)

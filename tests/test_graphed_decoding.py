@@ -358,3 +358,39 @@ def test_a_stepper_no_call_can_use_is_released(tiny_model, hand_inputs, steppers
     stepper.token = stepper.token.to("meta")  # as if the decoder had moved to another device since
     model.generate(**inputs, do_sample=True, max_new_tokens=3)
     assert kept(model) is None
+
+
+def test_pipeline_questions_reuse_the_kept_stepper(tiny_model_dir, tmp_path, steppers, monkeypatch):
+    """Questions through the pipeline keep one stepper (and on a GPU its compiled, captured step):
+    the pipeline must not ask `generate` for the cache back. The loop is selected as on a GPU."""
+    from transformers import pipeline
+
+    from transformers_tempo import modeling_tempo
+    from transformers_tempo.synthetic import write_test_video
+
+    monkeypatch.setattr(modeling_tempo, "wants_graphed_decoding", lambda decoder, config, kwargs: True)
+    video = write_test_video(tmp_path / "clip.mp4", num_frames=60, fps=10, width=128, height=96)
+    vqa = pipeline("video-question-answering", model=str(tiny_model_dir))
+    options = dict(max_new_tokens=4, cache_implementation="static", do_sample=False)
+    answers = [vqa(video=str(video), question=q, **options)["answer"] for q in ("What happens?", "Who is there?")]
+    assert len(steppers) == 1 and kept(vqa.model) is steppers[0]
+    monkeypatch.setattr(modeling_tempo, "wants_graphed_decoding", lambda decoder, config, kwargs: False)
+    assert answers == [vqa(video=str(video), question=q, **options)["answer"] for q in ("What happens?", "Who is there?")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_inference_on_gpu_gives_the_plain_tokens(tokenizer, hand_inputs, steppers):
+    """`enable_compiled_inference` as `tempo --compile` uses it: compiled compressor and norms, fused
+    projections traced into the compiled, captured step; the same greedy tokens as the plain model."""
+    from transformers_tempo.testing_utils import build_tiny_model
+
+    plain = build_tiny_model(tokenizer).to("cuda")
+    plain.graphed_decoding = False
+    model = copy.deepcopy(plain)
+    model.graphed_decoding = True
+    model.enable_compiled_inference()
+    for samples in ([2, 1], [1, 3]):  # the second call reuses the first call's graph
+        inputs = {k: v.to("cuda") for k, v in hand_inputs(samples).model_inputs().items()}
+        expected = plain.generate(**inputs, **GREEDY, max_new_tokens=12)
+        assert torch.equal(model.generate(**inputs, **GREEDY, max_new_tokens=12), expected)
+    assert len(steppers) == 1 and steppers[0].graph is not None and steppers[0].compile_step

@@ -28,8 +28,9 @@ MAX_WORKERS = 8
 # `skip_frame` for each packet it is sent (the frame-threaded decoder copies it when the packet
 # is submitted), so it is set packet by packet from the packet's presentation index. Switch it
 # off (False) to time decoding without it (bench_decode_backends.py --pyav-without-skipping
-# times both). On a small test file with 3 B-frames between references, 40 sampled frames took 327
-# decoded frames instead of 600; not yet timed on a one-hour file.
+# times both). On a one-hour 720p H.264 file with 3 B-frames between references, 1024 sampled
+# frames took 24,552 decoded pictures instead of 47,310 and 5.6-6.2 s instead of 8.0-8.2 s (8
+# workers, one machine with 16 cores).
 SKIP_UNWANTED_NONREF = True
 
 

@@ -184,42 +184,44 @@ def uncompiled_decoder(model, uncompiled: bool = True):
 UNCOMPILED_DECODER_MODES = {"graphed-eager", "graphed-unfused"}
 
 
+def device_profile(device):
+    """A torch.profiler over the CPU and, on CUDA, the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
+
+
+def write_profile(prof, device, path: Path, rows: int) -> Path:
+    """`prof`'s top `rows` ops and kernels by self time on the device (the CPU without CUDA) into `path`."""
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=70))
+    return path
+
+
 def profile_decode(model, prepared, device, out_dir: Path, new_tokens: int, mode: str = "static") -> Path:
     """Profile one static-cache answer (its prefill included: `profile_prefill` profiles that
     alone): transformers' loop ("static") or a graphed mode."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     model.graphed_decoding = GRAPHED_MODES.get(mode, False)
     set_fused_projections(model, mode != "graphed-unfused")
     release_graphed_decoding(model.plain_decoder())
     options = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, cache_implementation="static")
     model.generate(decoder_inputs=prepared, **options)  # capture outside the profile
-    with profile(activities=activities) as prof:
+    with device_profile(device) as prof:
         model.generate(decoder_inputs=prepared, **options)
         now(device)
     model.graphed_decoding = True
     set_fused_projections(model, True)
-    path = out_dir / f"profile-decode-{mode}.txt"
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
-    return path
+    return write_profile(prof, device, out_dir / f"profile-decode-{mode}.txt", rows=30)
 
 
 def profile_prefill(model, prepared, device, out_dir: Path) -> Path:
     """Profile the prefill alone: a one-token static-cache answer (after one untimed)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     options = dict(max_new_tokens=1, do_sample=False, cache_implementation="static")
     model.generate(decoder_inputs=prepared, **options)
-    with profile(activities=activities) as prof:
+    with device_profile(device) as prof:
         model.generate(decoder_inputs=prepared, **options)
         now(device)
-    path = out_dir / "profile-prefill.txt"
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
-    return path
+    return write_profile(prof, device, out_dir / "profile-prefill.txt", rows=40)
 
 
 def compressor_flops(model, inputs, compressor_batch_size=None) -> float:
@@ -430,35 +432,27 @@ def run_workload(model, processor, frames_count, args, device):
 
 def profile_stages(model, processor, frames_count, args, device, out_dir: Path) -> list[Path]:
     """torch.profiler tables (top kernels and ops by device time) of preprocessing and one compressor pass."""
-    from torch.profiler import ProfilerActivity, profile
-
     h, w = (720, 1280) if not args.tiny else (96, 160)
     frames = torch.randint(0, 256, (frames_count, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     if device.type == "cuda":
         frames = frames.pin_memory()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     written = []
     gpu = args.gpu_preprocess and device.type == "cuda"
     options = dict(device=device if gpu else None, pixel_dtype=model.dtype, pixel_device="cpu")
-    with profile(activities=activities) as prof:
+    with device_profile(device) as prof:
         inputs = processor(text=QUESTION, videos=frames, video_metadata={"fps": 2.0}, return_tensors="pt", **options)
         now(device)
-    path = out_dir / f"profile-preprocess-{frames_count}.txt"
-    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
-    written.append(path)
+    written.append(write_profile(prof, device, out_dir / f"profile-preprocess-{frames_count}.txt", rows=30))
     pixels = inputs.pop("pixel_values_videos")
     inputs = inputs.to(device)
     with torch.inference_mode():
-        with profile(activities=activities) as prof:
+        with device_profile(device) as prof:
             model.compress(
                 inputs["compressor_input_ids"], inputs["compressor_attention_mask"], pixel_values_videos=pixels,
                 video_grid_thw=inputs["video_grid_thw"], compressor_batch_size=args.compressor_batch_size,
             )
             now(device)
-    path = out_dir / f"profile-compressor-{frames_count}.txt"
-    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
-    written.append(path)
+    written.append(write_profile(prof, device, out_dir / f"profile-compressor-{frames_count}.txt", rows=40))
     return written
 
 

@@ -84,7 +84,6 @@ class _FusedGroup:
             del self.pending[thread]
         return output
 
-
     def traced_output(self, index: int, hidden_states: torch.Tensor) -> torch.Tensor:
         """`output` as torch.compile traces it: one product per input in the traced graph (inductor
         does not merge three identical products), held in `traced` only while the trace runs

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from transformers_tempo import TempoConfig, TempoForConditionalGeneration  # noqa: E402
 from transformers_tempo.fused_projections import DECODER_GROUPS, fuse_projections, set_fused_projections  # noqa: E402
 from transformers_tempo.graphed_decoding import release_graphed_decoding  # noqa: E402
-from transformers_tempo.modeling_tempo import decoder_norms  # noqa: E402
+from transformers_tempo.modeling_tempo import compiled_decoder_modules  # noqa: E402
 from transformers_tempo.processing_tempo import TempoProcessor  # noqa: E402
 from transformers_tempo.streaming import compress_streaming  # noqa: E402
 from transformers_tempo.testing_utils import build_tiny_model, build_tiny_tokenizer  # noqa: E402
@@ -162,13 +162,18 @@ def first_difference(a, b) -> int | None:
 
 
 # model.graphed_decoding per graphed decode mode (the other modes run transformers' loop)
-GRAPHED_MODES = {"graphed": True, "graphed-eager": "eager", "graphed-unfused": "eager"}
+GRAPHED_MODES = {
+    "graphed": True,
+    "graphed-autotune": "max-autotune-no-cudagraphs",
+    "graphed-eager": "eager",
+    "graphed-unfused": "eager",
+}
 
 
 @contextlib.contextmanager
 def uncompiled_decoder(model, uncompiled: bool = True):
     """Run the decoder without the compile of `compile_decoder` (nothing to undo when it was not compiled)."""
-    norms = decoder_norms(model.model.language_model)
+    norms = compiled_decoder_modules(model.model.language_model)
     saved = [norm._compiled_call_impl for norm in norms]
     if uncompiled:
         for norm in norms:
@@ -599,7 +604,7 @@ def main(argv=None):
     p.add_argument("--long-answer", type=int, default=None, metavar="TOKENS",
                    help="with a graphed decode mode: also time an answer of this many tokens")
     p.add_argument("--decode-modes", nargs="+", default=["dynamic"], choices=["dynamic", "static", *GRAPHED_MODES],
-                   help="KV cache for decoding: 'static' is transformers' compiled loop; 'graphed' replays one CUDA graph of the compiled step, 'graphed-eager' of the eager kernels, 'graphed-unfused' the same without fused projections")
+                   help="KV cache for decoding: 'static' is transformers' compiled loop; 'graphed' replays one CUDA graph of the compiled step ('graphed-autotune': compiled with max-autotune), 'graphed-eager' of the eager kernels, 'graphed-unfused' the same without fused projections")
     p.add_argument("--flops", action="store_true", help="count compressor FLOPs (one extra pass)")
     p.add_argument("--compare-tempo-forward-decode", action="store_true",
                    help="also decode through Tempo's own forward (the path before the plain Qwen3 view)")

@@ -21,6 +21,7 @@ from transformers_tempo.fast_paths import (
     set_fast_paths,
     vision_cu_seqlens_cpu,
 )
+from transformers_tempo.fused_projections import DECODER_GROUPS, fuse_projections
 
 
 def stock_copy(model):
@@ -239,10 +240,29 @@ def test_compiled_decoder_answers_as_eager_for_any_prompt_length(tiny_model, han
             compiled_once = len(graphs)
     assert lengths[0] != lengths[1]
     assert compiled_once >= 1
-    norms = modeling_tempo.decoder_norms(compiled.model.language_model)
-    assert len(norms) == 4 * compiled.config.text_config.num_hidden_layers + 1
-    assert all(norm._compiled_call_impl is not None for norm in norms)
+    modules = modeling_tempo.compiled_decoder_modules(compiled.model.language_model)
+    assert len(modules) == 5 * compiled.config.text_config.num_hidden_layers + 1  # 4 norms and the MLP per layer
+    assert all(module._compiled_call_impl is not None for module in modules)
     assert len(graphs) == compiled_once  # the second prompt, of another length, compiled nothing new
+    torch._dynamo.reset()
+
+
+def test_compiled_decoder_compiles_once_for_every_layer_with_fused_projections(tiny_model, hand_inputs):
+    """The fused projections must not make each layer's MLP a compilation of its own."""
+    inputs = hand_inputs([2], seed=5).model_inputs()
+    options = dict(do_sample=False, max_new_tokens=3, cache_implementation="static")
+    expected = tiny_model.generate(**inputs, **options)
+    compilations = {}
+    for fused in (False, True):
+        graphs = []
+        model = copy.deepcopy(tiny_model)
+        torch._dynamo.reset()
+        if fused:
+            assert fuse_projections(model.model.language_model, DECODER_GROUPS) > 0
+        model.model.compile_decoder(backend=counting_backend(graphs))
+        assert torch.equal(model.generate(**inputs, **options), expected)
+        compilations[fused] = len(graphs)
+    assert compilations[True] == compilations[False]
     torch._dynamo.reset()
 
 

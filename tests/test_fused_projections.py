@@ -13,6 +13,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from transformers_tempo.fused_projections import (
     DECODER_GROUPS,
     fuse_projections,
+    fused_member,
     fused_products_in_trace,
     set_fused_projections,
 )
@@ -78,8 +79,8 @@ def test_one_product_per_group_and_nothing_kept(decoder, monkeypatch):
     assert calls == [(192, 64)]  # gate and up (96 rows each) in one product
     torch.testing.assert_close(gate, x @ decoder.model.layers[0].mlp.gate_proj.weight.T)
     torch.testing.assert_close(up, x @ decoder.model.layers[0].mlp.up_proj.weight.T)
-    group = mlp.gate_proj.forward.group
-    assert group is mlp.up_proj.forward.group
+    group = fused_member(mlp.gate_proj).group
+    assert group is fused_member(mlp.up_proj).group
     assert group.pending == {}  # released once both were taken
 
 
@@ -102,7 +103,7 @@ def test_compiled_model_computes_one_product_per_group(decoder):
         torch.testing.assert_close(logits, decoder(ids).logits, rtol=1e-5, atol=1e-5)
     # per layer: q/k/v, o, gate/up, down; then the head (unfused: 7 per layer + 1)
     assert code.count("extern_kernels.mm(") == 4 * decoder.config.num_hidden_layers + 1
-    groups = {member.forward.group for member in (fused.model.layers[0].self_attn.q_proj, fused.model.layers[1].mlp.up_proj)}
+    groups = {fused_member(member).group for member in (fused.model.layers[0].self_attn.q_proj, fused.model.layers[1].mlp.up_proj)}
     assert all(group.traced is None and group.pending == {} for group in groups)  # nothing outlives the call
 
 
@@ -132,7 +133,7 @@ def test_compiled_model_after_weights_left_the_buffer_in_place_takes_the_plain_p
         logits, code = compiled_logits(model, ids)
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
         assert code.count("extern_kernels.mm(") == 7 * decoder.config.num_hidden_layers + 1
-        group = model.model.layers[0].mlp.gate_proj.forward.group
+        group = fused_member(model.model.layers[0].mlp.gate_proj).group
         assert group.stale and group.weight is None  # the old buffer is freed
 
 
@@ -188,13 +189,13 @@ def test_a_moved_or_replaced_weight_turns_the_fused_product_off(decoder):
 
 def test_a_moved_model_frees_the_old_buffer_and_can_be_fused_again(decoder):
     fused = fused_copy(decoder).to(torch.float64)
-    group = fused.model.layers[0].mlp.gate_proj.forward.group
+    group = fused_member(fused.model.layers[0].mlp.gate_proj).group
     ids = torch.randint(0, 101, (1, 6))
     with torch.no_grad():
         fused(ids)
     assert group.stale and group.weight is None  # the float32 buffer is not kept alive
     assert fuse_projections(fused, DECODER_GROUPS) == 4
-    refused = fused.model.layers[0].mlp.gate_proj.forward.group
+    refused = fused_member(fused.model.layers[0].mlp.gate_proj).group
     assert refused is not group and refused.weight.dtype == torch.float64
     with torch.no_grad():
         torch.testing.assert_close(fused(ids).logits, copy.deepcopy(decoder).to(torch.float64)(ids).logits)
@@ -204,8 +205,8 @@ def test_a_deep_copy_computes_with_its_own_weights(decoder):
     fused = fused_copy(decoder)
     twin = copy.deepcopy(fused)
     attention = twin.model.layers[0].self_attn
-    assert attention.q_proj.forward.group is not fused.model.layers[0].self_attn.q_proj.forward.group
-    assert attention.q_proj.forward.linear is attention.q_proj
+    assert fused_member(attention.q_proj).group is not fused_member(fused.model.layers[0].self_attn.q_proj).group
+    assert fused_member(attention.q_proj).linear is attention.q_proj
     with torch.no_grad():
         for p in twin.parameters():
             p.zero_()

@@ -255,7 +255,7 @@ def test_the_step_is_compiled_before_capture_unless_eager(cpu_stepper, monkeypat
     stepper, saved = cpu_stepper()
     with torch.no_grad():
         stepper._warm_up(saved)
-    assert compiled == [{"dynamic": False}] and ran == [stepper._step]  # warmed up through the compiled step
+    assert compiled == [{"dynamic": False, "mode": None}] and ran == [stepper._step]  # warmed up through the compiled step
     assert stepper._run is not stepper._step  # ... which is what the capture records
     for buffer, before in zip(stepper._buffers(), saved[0]):
         assert torch.equal(buffer, before)  # the warm-up leaves no trace
@@ -268,6 +268,17 @@ def test_the_step_is_compiled_before_capture_unless_eager(cpu_stepper, monkeypat
     with torch.no_grad():
         one_off._warm_up(saved)
     assert len(compiled) == 1 and one_off._run == one_off._step
+    tuned, saved = cpu_stepper("max-autotune-no-cudagraphs")  # a torch.compile mode is passed on
+    with torch.no_grad():
+        tuned._warm_up(saved)
+    assert compiled[-1] == {"dynamic": False, "mode": "max-autotune-no-cudagraphs"}
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune", "fast"])
+def test_a_compile_mode_that_captures_graphs_itself_is_refused(cpu_stepper, mode):
+    stepper, saved = cpu_stepper(mode)
+    with pytest.raises(ValueError, match=f"graphed_decoding='{mode}'"), torch.no_grad():
+        stepper._warm_up(saved)
 
 
 def test_only_a_kept_stepper_compiles(tiny_model, hand_inputs, monkeypatch):

@@ -97,14 +97,17 @@ class _FusedGroup:
 
 
 class _FusedMember:
-    """The `forward` installed on one member of a group: its slice of the fused product, or its own
-    product where the fused one does not apply. An object, not a closure, so that `copy.deepcopy`
-    and pickling of the model copy it along with the layer and its group."""
+    """What one member of a group runs: its slice of the fused product, or its own product where
+    the fused one does not apply. The member's `forward` is this object's bound `forward`: an
+    object, not a closure, so that `copy.deepcopy` and pickling of the model copy it along with the
+    layer and its group; a bound method rather than the object itself, because torch.compile guards
+    on the identity of a called object but only on the code of a called method, so compiling each
+    decoder layer's MLP (`TempoModel.compile_decoder`) compiles once instead of once per layer."""
 
     def __init__(self, linear: nn.Linear, group: _FusedGroup, index: int):
         self.linear, self.group, self.index = linear, group, index
 
-    def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if not self.group.usable():
             return nn.Linear.forward(self.linear, hidden_states)
         return self.group.output(self.index, hidden_states)
@@ -128,10 +131,17 @@ def _own_forward(member: nn.Module) -> bool:
     """Whether the layer runs its class's forward (not wrapped by someone else, nor fused in a group
     that is still live); a stale group's forward is taken off."""
     installed = vars(member).get("forward")
-    if isinstance(installed, _FusedMember) and installed.group.stale:
+    fused = fused_member(member)
+    if fused is not None and fused.group.stale:
         del member.forward
         return True
     return installed is None
+
+
+def fused_member(linear: nn.Module) -> _FusedMember | None:
+    """The `_FusedMember` that `fuse_projections` installed on `linear`, if any."""
+    member = getattr(vars(linear).get("forward"), "__self__", None)
+    return member if isinstance(member, _FusedMember) else None
 
 
 def fuse_projections(module: nn.Module, groups: dict[str, tuple[str, ...]]) -> int:
@@ -154,14 +164,14 @@ def fuse_projections(module: nn.Module, groups: dict[str, tuple[str, ...]]) -> i
         group = _FusedGroup(members)
         for index, member in enumerate(members):
             # An instance attribute, not a submodule: the module tree and state_dict stay unchanged.
-            member.forward = _FusedMember(member, group, index)
+            member.forward = _FusedMember(member, group, index).forward
         fused += 1
     return fused
 
 
 def _groups(module: nn.Module) -> list[_FusedGroup]:
     """The live groups that `fuse_projections` made in `module`."""
-    groups = {id(group): group for m in module.modules() if (group := getattr(vars(m).get("forward"), "group", None))}
+    groups = {id(member.group): member.group for m in module.modules() if (member := fused_member(m))}
     return [group for group in groups.values() if not group.stale]
 
 

@@ -367,7 +367,7 @@ class _GreedyStepper:
         compilation; if it fails, the eager kernels are captured instead, with one warning.
         """
         if self.compile_step:
-            self._run = torch.compile(self._step, dynamic=False)
+            self._run = torch.compile(self._step, dynamic=False, mode=_compile_mode(self.mode))
             try:
                 with fused_products_in_trace(self.model):
                     self._run()
@@ -400,6 +400,20 @@ def _compiles_step(device: torch.device, mode, kept: bool) -> bool:
     captures on), unless asked for the eager kernels or used for one call only (compiling takes
     seconds, more than it saves on one answer)."""
     return device.type == "cuda" and mode != "eager" and kept
+
+
+def _compile_mode(mode) -> str | None:
+    """The `torch.compile` mode for the step: `graphed_decoding = True` is inductor's default, a
+    string names a mode (e.g. "max-autotune-no-cudagraphs": inductor benchmarks kernel choices for
+    the step's products). Modes that capture CUDA graphs themselves cannot be nested in this graph."""
+    if mode is True:
+        return None
+    if mode not in ("default", "max-autotune-no-cudagraphs"):
+        raise ValueError(
+            f"graphed_decoding={mode!r}: expected True, 'eager', 'default' or a torch.compile mode without "
+            "CUDA graphs such as 'max-autotune-no-cudagraphs' (the step is captured as a CUDA graph already)"
+        )
+    return mode
 
 
 _WARNED: set = set()

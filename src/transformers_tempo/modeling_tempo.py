@@ -224,9 +224,9 @@ class TempoPreTrainedModel(PreTrainedModel):
             module.memory_tokens.normal_(mean=0.0, std=std)
 
 
-def decoder_norms(decoder: nn.Module) -> list[nn.Module]:
-    """The RMSNorm modules of a decoder (those `TempoModel.compile_decoder` compiles)."""
-    return [module for module in decoder.modules() if type(module).__name__.endswith("RMSNorm")]
+def compiled_decoder_modules(decoder: nn.Module) -> list[nn.Module]:
+    """The modules of a decoder that `TempoModel.compile_decoder` compiles: its RMSNorms and MLPs."""
+    return [module for module in decoder.modules() if type(module).__name__.endswith(("RMSNorm", "MLP"))]
 
 
 class TempoModel(TempoPreTrainedModel):
@@ -269,20 +269,23 @@ class TempoModel(TempoPreTrainedModel):
             layer.compile(**compile_kwargs)
 
     def compile_decoder(self, **compile_kwargs) -> None:
-        """`torch.compile` the decoder's RMSNorm modules (four per layer and the last one), in place.
+        """`torch.compile` the decoder's RMSNorm modules (four per layer and the last one) and MLPs, in place.
 
         In a profile of one prefill on an H200 (Tempo-6B architecture, 8.3k spliced tokens), about
         100 ms of the 190 ms were small element-wise kernels around the matmuls (72 ms) and attention
-        (32 ms); each RMSNorm ran as about seven of them (casts, square, mean, rsqrt, two products).
-        Compiled, each is one kernel. Only the norms: the whole decoder compiled for any prompt
-        length took minutes to compile (a tiny 36-layer decoder on CPU had not answered after 110 s),
-        while the norms, all the same module, compile a handful of times in seconds and are reused
-        by every layer. Compiled for any shape (`dynamic=True` unless given): the prompt's length
-        changes with every question. Measured in one run on an H200 (8.5k-token prompt): prefill
-        0.210 -> 0.174 s. Same function, same weights.
+        (32 ms); each RMSNorm ran as about seven of them (casts, square, mean, rsqrt, two products),
+        and each MLP's SiLU and product were two more passes over its widest activation. Compiled,
+        each norm is one kernel and each MLP one between its products. Only these modules: the whole
+        decoder compiled for any prompt length took minutes to compile (a tiny 36-layer decoder on
+        CPU had not answered after 110 s), and a decoder layer or its attention recompiles for every
+        layer (torch.compile specialises on the layer's index into the cache), while the norms and
+        MLPs, the same modules everywhere, compile a handful of times in seconds and are reused by
+        every layer. Compiled for any shape (`dynamic=True` unless given): the prompt's length
+        changes with every question. Measured in one run on an H200 (8.5k-token prompt), norms only:
+        prefill 0.210 -> 0.174 s. Same function, same weights.
         """
         compile_kwargs.setdefault("dynamic", True)
-        for module in decoder_norms(self.language_model):
+        for module in compiled_decoder_modules(self.language_model):
             module.compile(**compile_kwargs)
 
     def get_input_embeddings(self):
@@ -711,8 +714,9 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
     # Decoding steps are plain Qwen3 steps: `generate(cache_implementation="static")` compiles them.
     _can_compile_fullgraph = True
     # Greedy decoding with a static cache on CUDA replays each step from one CUDA graph
-    # (`graphed_decoding.graphed_greedy_search`) of the inductor-compiled step; "eager": a graph
-    # of the eager kernels; False: transformers' own loop.
+    # (`graphed_decoding.graphed_greedy_search`) of the inductor-compiled step; a torch.compile mode
+    # without CUDA graphs ("max-autotune-no-cudagraphs") compiles it so; "eager": a graph of the
+    # eager kernels; False: transformers' own loop.
     graphed_decoding = True
 
     def __init__(self, config: TempoConfig):

@@ -12,6 +12,8 @@ several formulations, each under torch.compile, against a float32 reference:
   - grouped_sdpa: the query heads of one key/value head as that head's queries (tried in session 2)
   - grouped_matmul: two matmuls per key/value head (bf16 scores)
   - tempo_decode: `fast_paths.decode_attention` (the package's decoding attention)
+  - flex_decode: flex_attention's decoding kernel with the mask read in a mask_mod
+  - unmasked_lower_bound: sdpa over the valid slots without a mask (a floor, not a usable path)
 Part 2 (--decoder) runs the real decoder (random bf16 weights) through `generate` with a static
 cache for each named attention implementation and reports tokens/s after the first token
 (--profile-out: a torch.profiler table of one more generate() with the last one).
@@ -65,8 +67,36 @@ def tempo_decode(q, k, v, mask, scale):
     return decode_attention(module, q, k, v, mask, scaling=scale)[0]
 
 
+def flex_decode(q, k, v, mask, scale):
+    """flex_attention (its split-KV decoding kernel for short queries) reading the step's mask
+    tensor in a mask_mod, over a block mask that marks every block partial: the same compiled code
+    stays right as the mask changes from step to step, as in a captured decoding graph."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    slots, block = k.shape[2], 128
+    blocks = -(-slots // block)
+    valid = mask.view(-1)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return valid[kv_idx]
+
+    counts = torch.full((1, 1, 1), blocks, dtype=torch.int32, device=q.device)
+    indices = torch.arange(blocks, dtype=torch.int32, device=q.device).view(1, 1, 1, blocks)
+    block_mask = BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(1, slots))
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True).transpose(1, 2)
+
+
+def unmasked_lower_bound(q, k, v, mask, scale):
+    """sdpa over the valid slots only, no mask: not usable in a captured step (the length changes
+    every step), timed as the kernel-time floor the masked formulations are compared with."""
+    valid = k.shape[2] - 40  # as `kernels` builds the mask
+    return F.scaled_dot_product_attention(q, k[:, :, :valid], v[:, :, :valid], scale=scale, enable_gqa=True).transpose(1, 2)
+
+
 VARIANTS = {
     "stock": stock,
+    "flex_decode": flex_decode,
+    "unmasked_lower_bound": unmasked_lower_bound,
     "gqa_sdpa": gqa_sdpa,
     "grouped_sdpa": grouped_sdpa,
     "grouped_matmul": grouped_matmul,

@@ -292,7 +292,7 @@ def run_decode_mode(model, prepared, device, mode: str, args, row: dict, answers
     release_graphed_decoding(model.plain_decoder())  # a graph kept from another mode would replay it
     # timed without a streamer: it would sync every step (and switch the graphed loop off)
     try:  # warm-up with the same shapes (the static cache's length follows max_new_tokens)
-        timed_answer(model, prepared, device, args.new_tokens, **extra)
+        row[f"warmup_{mode}_s"] = timed_answer(model, prepared, device, args.new_tokens, **extra)[2]  # compiling included
     except Exception as error:  # noqa: BLE001 - a failing mode is a result, not the end of the run
         row[f"error_{mode}"] = f"{type(error).__name__}: {error}"[:2000]
         print(f"decode mode {mode} failed: {row[f'error_{mode}']}", flush=True)

@@ -9,6 +9,8 @@ call, about 1.2 TB/s for the 0.8 GB it moves), next to 78 ms of attention itself
   (groups, heads, group, d) views for sdpa; the backend is torch's choice).
 * ``rotary-in-layout``: the views first, the rotary on them, so the elementwise kernel writes in the
   order sdpa reads.
+* ``rotary-halves`` / ``rotary-halves-stack``: the rotary half by half (the same float32 operations
+  per element, no negated copy), joined by a concatenation or a stack.
 * ``flash`` / ``cudnn`` / ``efficient``: ``current`` with that sdpa backend forced.
 
 Each is compiled, warmed up, then timed with CUDA events (median of `--repeats`). The outputs are
@@ -41,10 +43,21 @@ def rotary(x, cos, sin):
     return ((x.float() * cos) + (rotate_half(x.float()) * sin)).to(x.dtype)
 
 
-def current(x, w, b, pw, pb, cos, sin, heads, group, backend=None):
+def rotary_halves(x, cos, sin, stack=False):
+    """`rotary` computed half by half (the same float32 operations on each element: first half
+    x1*c - x2*s, second half x2*c + x1*s), without the negated copy that `rotate_half` makes."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    c1, c2 = cos.chunk(2, dim=-1)
+    s1, s2 = sin.chunk(2, dim=-1)
+    halves = (x1 * c1 - x2 * s1, x2 * c2 + x1 * s2)
+    out = torch.stack(halves, dim=-2).flatten(-2) if stack else torch.cat(halves, dim=-1)
+    return out.to(x.dtype)
+
+
+def current(x, w, b, pw, pb, cos, sin, heads, group, backend=None, rotate=rotary):
     n = x.shape[0]
     q, k, v = F.linear(x, w, b).reshape(n, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
-    q, k = rotary(q, cos.unsqueeze(-2), sin.unsqueeze(-2)), rotary(k, cos.unsqueeze(-2), sin.unsqueeze(-2))
+    q, k = rotate(q, cos.unsqueeze(-2), sin.unsqueeze(-2)), rotate(k, cos.unsqueeze(-2), sin.unsqueeze(-2))
     q, k, v = (t.reshape(n // group, group, heads, -1).transpose(1, 2) for t in (q, k, v))
     if backend is None:
         out = F.scaled_dot_product_attention(q, k, v)
@@ -67,6 +80,8 @@ def rotary_in_layout(x, w, b, pw, pb, cos, sin, heads, group):
 VARIANTS = {
     "current": lambda *a: current(*a),
     "rotary-in-layout": rotary_in_layout,
+    "rotary-halves": lambda *a: current(*a, rotate=rotary_halves),
+    "rotary-halves-stack": lambda *a: current(*a, rotate=lambda x, c, s: rotary_halves(x, c, s, stack=True)),
     "flash": lambda *a: current(*a, backend=SDPBackend.FLASH_ATTENTION),
     "cudnn": lambda *a: current(*a, backend=SDPBackend.CUDNN_ATTENTION),
     "efficient": lambda *a: current(*a, backend=SDPBackend.EFFICIENT_ATTENTION),

@@ -218,17 +218,17 @@ def test_a_cache_asked_back_is_not_kept(tiny_model, hand_inputs, steppers):
 def cpu_stepper(tiny_model, hand_inputs):
     """A stepper after a prefill, on the CPU, and the state its warm-up must leave unchanged."""
 
-    def make(mode=True, pretend_cuda=True, kept=True):
+    def make(mode=True, pretend_cuda=True, kept=True, batch=1, free_slots=4):
         decoder = tiny_model.plain_decoder()
         decoder.graphed_decoding = mode
         inputs = hand_inputs([2]).model_inputs()
-        embeds = tiny_model.prepare_generation_inputs(**inputs).inputs_embeds
+        embeds = tiny_model.prepare_generation_inputs(**inputs).inputs_embeds.expand(batch, -1, -1)
         from transformers import StaticCache
 
-        cache = StaticCache(config=decoder.config, max_cache_len=embeds.shape[1] + 4)
+        cache = StaticCache(config=decoder.config, max_cache_len=embeds.shape[1] + free_slots)
         with torch.no_grad():
             logits = decoder(inputs_embeds=embeds, cache=cache, use_cache=True).logits
-        stepper = graphed_decoding._GreedyStepper(decoder, cache, 1, kept=kept)
+        stepper = graphed_decoding._GreedyStepper(decoder, cache, batch, kept=kept)
         if pretend_cuda:  # what __init__ decides on a CUDA device
             stepper.compile_step = graphed_decoding._compiles_step(torch.device("cuda"), mode, kept)
         stepper.start(logits[:, -1].argmax(-1), {}, None, None)
@@ -255,7 +255,7 @@ def test_the_step_is_compiled_before_capture_unless_eager(cpu_stepper, monkeypat
     stepper, saved = cpu_stepper()
     with torch.no_grad():
         stepper._warm_up(saved)
-    assert compiled == [{"dynamic": False, "mode": None}] and ran == [stepper._step]  # warmed up through the compiled step
+    assert compiled == [{"mode": None}] and ran == [stepper._step]  # warmed up through the compiled step
     assert stepper._run is not stepper._step  # ... which is what the capture records
     for buffer, before in zip(stepper._buffers(), saved[0]):
         assert torch.equal(buffer, before)  # the warm-up leaves no trace
@@ -271,7 +271,7 @@ def test_the_step_is_compiled_before_capture_unless_eager(cpu_stepper, monkeypat
     tuned, saved = cpu_stepper("max-autotune-no-cudagraphs")  # a torch.compile mode is passed on
     with torch.no_grad():
         tuned._warm_up(saved)
-    assert compiled[-1] == {"dynamic": False, "mode": "max-autotune-no-cudagraphs"}
+    assert compiled[-1] == {"mode": "max-autotune-no-cudagraphs"}
 
 
 @pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune", "fast"])
@@ -279,6 +279,25 @@ def test_a_compile_mode_that_captures_graphs_itself_is_refused(cpu_stepper, mode
     stepper, saved = cpu_stepper(mode)
     with pytest.raises(ValueError, match=f"graphed_decoding='{mode}'"), torch.no_grad():
         stepper._warm_up(saved)
+
+
+def test_new_batch_sizes_and_cache_lengths_recompile_the_step_once(cpu_stepper, monkeypatch):
+    """`tempo batch` meets a new batch size at every odd-sized last batch: it must not compile each time."""
+    from test_fast_paths import counting_backend
+
+    graphs, real_compile = [], torch.compile
+    backend = counting_backend(graphs)  # one backend object: compiled code is cached per backend
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend=backend, **kwargs))
+    torch._dynamo.reset()
+    compiled = []
+    for batch, free_slots in [(2, 4), (2, 4), (3, 4), (4, 4), (4, 12), (3, 20)]:
+        stepper, saved = cpu_stepper(batch=batch, free_slots=free_slots)
+        with torch.no_grad():
+            stepper._warm_up(saved)
+        compiled.append(len(graphs))
+    # static first, then once per size that changes (batch, then cache length), made symbolic
+    assert compiled == [1, 1, 2, 2, 3, 3]
+    torch._dynamo.reset()
 
 
 def test_only_a_kept_stepper_compiles(tiny_model, hand_inputs, monkeypatch):

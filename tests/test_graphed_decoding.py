@@ -409,6 +409,26 @@ def test_pipeline_questions_reuse_the_kept_stepper(tiny_model_dir, tmp_path, ste
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_kept_graph_survives_cublas_workspaces_being_freed(tokenizer, hand_inputs, steppers):
+    """torch's CUDA-graph trees (transformers' compiled static-cache loop) free cuBLAS's workspaces
+    each time they record: a kept decoding graph must not be writing to one of them."""
+    from transformers_tempo.testing_utils import build_tiny_model
+
+    model = build_tiny_model(tokenizer).to("cuda")
+    model.graphed_decoding = "eager"  # the same products, without the compilation's time
+    inputs = {k: v.to("cuda") for k, v in hand_inputs([2, 1]).model_inputs().items()}
+    first = model.generate(**inputs, **GREEDY, max_new_tokens=12)
+    assert len(steppers) == 1 and steppers[0].graph is not None
+    torch._C._cuda_clearCublasWorkspaces()  # what a recording of CUDA-graph trees does
+    torch.cuda.empty_cache()
+    filler = torch.full((256 << 20,), 255, dtype=torch.uint8, device="cuda")  # take the freed memory
+    again = model.generate(**inputs, **GREEDY, max_new_tokens=12)  # replays the kept graph
+    torch.cuda.synchronize()
+    assert len(steppers) == 1 and torch.equal(again, first)
+    del filler
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_inference_on_gpu_gives_the_plain_tokens(tokenizer, hand_inputs, steppers):
     """`enable_compiled_inference` as `tempo --compile` uses it: compiled compressor and norms, fused
     projections traced into the compiled, captured step; the same greedy tokens as the plain model."""

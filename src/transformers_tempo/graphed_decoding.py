@@ -347,12 +347,14 @@ class _GreedyStepper:
         with torch.cuda.stream(stream):
             # A private memory pool, so that graphs of other threads cannot share it, and errors for
             # this thread only: another thread's sync or allocation must not break this capture.
+            _clear_cublas_workspaces()
             graph.capture_begin(capture_error_mode="thread_local")
             try:
                 with fused_products_in_trace(self.model):  # the compiled code is guarded on it
                     self._run()
             finally:
                 graph.capture_end()
+                _clear_cublas_workspaces()
         torch.cuda.current_stream().wait_stream(stream)
         self._restore(*saved)  # capturing records the kernels without running them; be sure anyway
         self.graph = graph
@@ -399,6 +401,22 @@ class _GreedyStepper:
             buffer.copy_(value)
         for layer, length in zip(self.cache.layers, lengths):
             layer.cumulative_length.copy_(length)
+
+
+def _clear_cublas_workspaces() -> None:
+    """Drop cuBLAS's per-stream workspaces, around a capture (as torch's own CUDA-graph trees do).
+
+    cuBLAS allocates one workspace per stream on first use and keeps it. The warm-up runs on the
+    capture stream outside the capture, so without this the graph would record products that write
+    to a workspace from the ordinary memory pool, which it does not own: torch's CUDA-graph trees
+    (transformers' compiled static-cache loop uses them) free every workspace whenever they record,
+    and a later replay would write to freed memory. That is the likely cause (not yet confirmed on a
+    GPU) of a CUDA illegal memory access in a GPU test that ran that loop between our capture and
+    replay. Cleared before the capture, the products get a workspace from the graph's private pool,
+    which lives as long as the graph; cleared after, later work on the stream gets one of its own."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)  # absent from CPU-only builds
+    if clear is not None:
+        clear()
 
 
 def _compiles_step(device: torch.device, mode, kept: bool) -> bool:

@@ -4,6 +4,7 @@ On the CPU the step runs eagerly, which checks everything but the capture: the b
 the attention mask over the static cache's slots, end-of-sequence padding and the final cut.
 """
 
+import contextlib
 import copy
 
 import pytest
@@ -337,6 +338,36 @@ def test_a_failed_compilation_captures_the_eager_step_with_one_warning(cpu_stepp
                 assert torch.equal(buffer, before)
     warnings = [r.getMessage() for r in caplog.records if "without compiling" in r.getMessage()]
     assert warnings == ["capturing the decoding step without compiling it: compiling failed (inductor: no triton)"]
+
+
+def test_the_capture_is_fenced_by_clearing_cublas_workspaces(cpu_stepper, monkeypatch):
+    """The captured products must get their cuBLAS workspace inside the capture (the graph's own pool),
+    not the one the warm-up left on the stream; and later work must not share the graph's."""
+    events = []
+
+    class Graph:
+        def capture_begin(self, **kwargs):
+            events.append("begin")
+
+        def capture_end(self):
+            events.append("end")
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(graphed_decoding, "_clear_cublas_workspaces", lambda: events.append("clear"))
+    stepper, _ = cpu_stepper("eager")
+    monkeypatch.setattr(stepper, "_warm_up", lambda saved: events.append("warm-up"))
+    monkeypatch.setattr(stepper, "_run", lambda: events.append("step"))
+    stepper._capture()
+    assert events == ["warm-up", "clear", "begin", "step", "end", "clear"]
+    assert isinstance(stepper.graph, Graph)
 
 
 def test_the_compiled_step_gives_the_eager_steps_tokens(cpu_stepper):

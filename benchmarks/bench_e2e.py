@@ -173,16 +173,16 @@ GRAPHED_MODES = {
 @contextlib.contextmanager
 def uncompiled_decoder(model, uncompiled: bool = True):
     """Run the decoder without the compile of `compile_decoder` (nothing to undo when it was not compiled)."""
-    norms = compiled_decoder_modules(model.model.language_model)
-    saved = [norm._compiled_call_impl for norm in norms]
+    modules = compiled_decoder_modules(model.model.language_model)
+    saved = [module._compiled_call_impl for module in modules]
     if uncompiled:
-        for norm in norms:
-            norm._compiled_call_impl = None
+        for module in modules:
+            module._compiled_call_impl = None
     try:
         yield
     finally:
-        for norm, compiled in zip(norms, saved):
-            norm._compiled_call_impl = compiled
+        for module, compiled in zip(modules, saved):
+            module._compiled_call_impl = compiled
 
 
 # decode modes that time the paths before `compile_decoder`: the eager decoder captured as it was

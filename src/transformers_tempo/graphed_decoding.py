@@ -383,10 +383,8 @@ class _GreedyStepper:
                 self._run = self._step
                 self._restore(*saved)
                 _warn_once(f"capturing the decoding step without compiling it: compiling failed ({error})")
-            else:
-                self._restore(*saved)
-                return
-        self._run()
+        if self._run == self._step:  # not compiled, or compiling failed
+            self._run()
         self._restore(*saved)
 
     def _buffers(self) -> tuple[torch.Tensor, ...]:

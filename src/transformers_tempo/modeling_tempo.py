@@ -962,7 +962,7 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
         return output
 
     def enable_compiled_inference(self, **compile_kwargs):
-        """Compile the compressor layers and the decoder's norms (`TempoModel.compile_compressor`,
+        """Compile the compressor layers and the decoder's norms and MLPs (`TempoModel.compile_compressor`,
         `TempoModel.compile_decoder`), fuse the decoder's q/k/v and gate/up projections into one
         matmul each (`fuse_projections`; same weights and checkpoint, no extra memory, so call it
         once the model is on its device), and decode with a static cache. On CUDA, greedy decoding

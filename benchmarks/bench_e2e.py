@@ -28,6 +28,7 @@ from transformers.generation.streamers import BaseStreamer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from transformers_tempo import TempoConfig, TempoForConditionalGeneration  # noqa: E402
+from transformers_tempo.fast_paths import TempoDecoderAttention, set_split_decoder_attention  # noqa: E402
 from transformers_tempo.fused_projections import DECODER_GROUPS, fuse_projections, set_fused_projections  # noqa: E402
 from transformers_tempo.graphed_decoding import release_graphed_decoding  # noqa: E402
 from transformers_tempo.modeling_tempo import compiled_decoder_modules  # noqa: E402
@@ -172,17 +173,23 @@ GRAPHED_MODES = {
 
 @contextlib.contextmanager
 def uncompiled_decoder(model, uncompiled: bool = True):
-    """Run the decoder without the compile of `compile_decoder` (nothing to undo when it was not compiled)."""
-    modules = compiled_decoder_modules(model.model.language_model)
-    saved = [module._compiled_call_impl for module in modules]
+    """Run the decoder without the compile of `compile_decoder`: eager norms and MLPs, and the stock
+    attention instead of the one with a compiled `rotated_states` (nothing to undo when it was not compiled)."""
+    decoder = model.model.language_model
+    norms = compiled_decoder_modules(decoder)
+    saved = [norm._compiled_call_impl for norm in norms]
+    split = []
     if uncompiled:
-        for module in modules:
-            module._compiled_call_impl = None
+        for norm in norms:
+            norm._compiled_call_impl = None
+        split = set_split_decoder_attention(decoder, False)
     try:
         yield
     finally:
-        for module, compiled in zip(modules, saved):
-            module._compiled_call_impl = compiled
+        for norm, compiled in zip(norms, saved):
+            norm._compiled_call_impl = compiled
+        for attention in split:
+            attention.__class__ = TempoDecoderAttention
 
 
 # decode modes that time the paths before `compile_decoder`: the eager decoder captured as it was

@@ -1,6 +1,7 @@
 """The loop-free compressor steps compute the same function as the stock transformers code."""
 
 import copy
+import operator
 from contextlib import nullcontext
 from unittest import mock
 
@@ -8,20 +9,26 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers import DynamicCache
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionAttention, Qwen3VLVisionPatchEmbed
 
 from transformers_tempo import fast_paths, modeling_tempo
 from transformers_tempo.fast_paths import (
     DECODE_ATTENTION,
+    TempoDecoderAttention,
     TempoVisionAttention,
     TempoVisionPatchEmbed,
     decode_attention,
     equal_group_length,
     mrope_position_ids,
     set_fast_paths,
+    set_split_decoder_attention,
     vision_cu_seqlens_cpu,
 )
 from transformers_tempo.fused_projections import DECODER_GROUPS, fuse_projections
+from transformers_tempo.modeling_tempo import TempoForConditionalGeneration
+from transformers_tempo.testing_utils import tiny_tempo_config
 
 
 def stock_copy(model):
@@ -263,6 +270,88 @@ def test_compiled_decoder_compiles_once_for_every_layer_with_fused_projections(t
         assert torch.equal(model.generate(**inputs, **options), expected)
         compilations[fused] = len(graphs)
     assert compilations[True] == compilations[False]
+    torch._dynamo.reset()
+
+
+def run_decoder(decoder, embeds, steps=2, **kwargs):
+    """A prefill of `embeds` then `steps` one-token steps, eager: the outputs and the cache's keys and values."""
+    cache, outputs = DynamicCache(config=decoder.config), []
+    with torch.no_grad():
+        for chunk in (embeds[:, :-steps], *embeds[:, -steps:].split(1, dim=1)):
+            out = decoder(inputs_embeds=chunk, cache=cache, use_cache=True, **kwargs)
+            outputs += [out.last_hidden_state, *(out.attentions or ())]
+    return outputs, [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_split_decoder_attention_computes_the_stock_attention(tiny_model, fused, implementation):
+    stock = copy.deepcopy(tiny_model)
+    stock.model.language_model.set_attn_implementation(implementation)
+    if fused:
+        assert fuse_projections(stock.model.language_model, DECODER_GROUPS) > 0
+    decoder = stock.model.language_model
+    assert all(type(layer.self_attn) is Qwen3Attention for layer in decoder.layers)  # not installed unasked
+    embeds = torch.randn(2, 9, decoder.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    options = {"output_attentions": implementation == "eager"}
+    expected = run_decoder(decoder, embeds, attention_mask=mask, **options)
+
+    split = set_split_decoder_attention(decoder)
+    assert split == [layer.self_attn for layer in decoder.layers]
+    assert all(type(module) is TempoDecoderAttention for module in split)
+    got = run_decoder(decoder, embeds, attention_mask=mask, **options)
+    assert len(got[0]) == 3 * (1 + len(split) * options["output_attentions"])  # hidden states and weights
+    for got_tensors, expected_tensors in zip(got, expected):  # the outputs, then the cache
+        assert len(got_tensors) == len(expected_tensors)
+        for a, b in zip(got_tensors, expected_tensors):
+            assert torch.equal(a, b)
+    assert set_split_decoder_attention(decoder, False) == split
+    assert all(type(layer.self_attn) is Qwen3Attention for layer in decoder.layers)
+
+
+def tiny_decoder_with_layers(tokenizer, layers):
+    config = tiny_tempo_config(tokenizer)
+    config.text_config.num_hidden_layers = layers
+    config.text_config.layer_types = ["full_attention"] * layers
+    torch.manual_seed(0)
+    return TempoForConditionalGeneration(config).eval()
+
+
+def is_rotary_graph(graph) -> bool:
+    """Whether a traced graph holds the rotary embedding's half rotation (negation and concatenation)."""
+    targets = {node.target for node in graph.graph.nodes if node.op == "call_function"}
+    return bool(targets & {torch.cat, torch.ops.aten.cat.default}) and bool(
+        targets & {torch.neg, operator.neg, torch.ops.aten.neg.default}
+    )
+
+
+def test_compiled_decoder_attention_compiles_once_for_any_layer_count(tokenizer, hand_inputs):
+    """The compiled `rotated_states` runs in generate, answers as the eager model, and compiles
+    as often for 4 layers as for 2; a prompt of another length compiles nothing new."""
+    options = dict(do_sample=False, max_new_tokens=3, cache_implementation="static")
+    prompts = [hand_inputs([2], seed=5).model_inputs(), hand_inputs([3], seed=6).model_inputs()]
+    compilations = {}
+    for layers in (2, 4):
+        model = tiny_decoder_with_layers(tokenizer, layers)
+        expected = [model.generate(**inputs, **options) for inputs in prompts]
+        graphs = []
+        torch._dynamo.reset()
+        assert fuse_projections(model.model.language_model, DECODER_GROUPS) > 0  # as enable_compiled_inference
+        model.model.compile_decoder(backend=counting_backend(graphs))
+        attentions = [layer.self_attn for layer in model.model.language_model.layers]
+        assert len(attentions) == layers and all(type(module) is TempoDecoderAttention for module in attentions)
+        assert torch.equal(model.generate(**prompts[0], **options), expected[0])
+        first_prompt = len(graphs)
+        assert torch.equal(model.generate(**prompts[1], **options), expected[1])
+        assert len(graphs) == first_prompt
+        # the prefill's and the one-token steps' rotary: the compiled method is what ran
+        assert sum(is_rotary_graph(graph) for graph in graphs) == 2
+        compilations[layers] = len(graphs)
+        copied = copy.deepcopy(model).model.language_model.layers[0].self_attn
+        assert copied.rotated_states.__self__ is copied  # a deep copy computes with its own weights
+    assert compilations[2] == compilations[4]
     torch._dynamo.reset()
 
 

@@ -6,6 +6,7 @@ the attention mask over the static cache's slots, end-of-sequence padding and th
 
 import contextlib
 import copy
+import operator
 
 import pytest
 import torch
@@ -219,11 +220,11 @@ def test_a_cache_asked_back_is_not_kept(tiny_model, hand_inputs, steppers):
 def cpu_stepper(tiny_model, hand_inputs):
     """A stepper after a prefill, on the CPU, and the state its warm-up must leave unchanged."""
 
-    def make(mode=True, pretend_cuda=True, kept=True, batch=1, free_slots=4):
-        decoder = tiny_model.plain_decoder()
+    def make(mode=True, pretend_cuda=True, kept=True, batch=1, free_slots=4, model=tiny_model):
+        decoder = model.plain_decoder()
         decoder.graphed_decoding = mode
         inputs = hand_inputs([2]).model_inputs()
-        embeds = tiny_model.prepare_generation_inputs(**inputs).inputs_embeds.expand(batch, -1, -1)
+        embeds = model.prepare_generation_inputs(**inputs).inputs_embeds.expand(batch, -1, -1)
         from transformers import StaticCache
 
         cache = StaticCache(config=decoder.config, max_cache_len=embeds.shape[1] + free_slots)
@@ -382,6 +383,35 @@ def test_the_compiled_step_gives_the_eager_steps_tokens(cpu_stepper):
     assert compiled._run is not compiled._step
     assert torch.equal(compiled.tokens(4), eager.tokens(4))
     assert torch.equal(compiled.position, eager.position) and torch.equal(compiled.mask, eager.mask)
+
+
+def test_the_step_traces_through_the_compiled_decoder(tiny_model, cpu_stepper, monkeypatch):
+    """After `compile_decoder` (as `enable_compiled_inference` does), the step's trace runs through the
+    compiled norms, MLPs and attention `rotated_states` in one graph and gives the eager step's tokens."""
+    from test_fast_paths import counting_backend
+
+    model = copy.deepcopy(tiny_model)
+    fused_projections.fuse_projections(model.model.language_model, fused_projections.DECODER_GROUPS)
+    graphs, real_compile = [], torch.compile
+    backend = counting_backend(graphs)
+    torch._dynamo.reset()
+    model.model.compile_decoder(backend=backend)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend=backend, **kwargs))
+    compiled, saved = cpu_stepper(model=model)
+    eager, _ = cpu_stepper("eager")
+    before = len(graphs)
+    with torch.no_grad():
+        compiled._warm_up(saved)
+        for _ in range(3):
+            compiled.step()
+            eager.step()
+    assert compiled._run is not compiled._step
+    step_graph = graphs[before]  # the warm-up's trace of the whole step
+    negations = [node for node in step_graph.graph.nodes if node.target in (torch.neg, operator.neg)]
+    assert len(negations) == 2 * model.config.text_config.num_hidden_layers  # query and key rotary, every layer
+    assert torch.equal(compiled.tokens(4), eager.tokens(4))
+    assert torch.equal(compiled.position, eager.position) and torch.equal(compiled.mask, eager.mask)
+    torch._dynamo.reset()
 
 
 def test_a_cache_the_caller_passes_stays_the_callers(tiny_model, hand_inputs, steppers):

@@ -11,9 +11,12 @@ compressor over hundreds of equal-sized frame groups, where per-group Python loo
 * `mrope_position_ids`: `Qwen3VLModel.get_rope_index` loops in Python over rows and token groups;
   this builds the same 3-axis position ids with a few tensor ops for the whole chunk.
 
-The decoder gets one more: `decode_attention`, registered as the attention implementation
+The decoder gets two more: `decode_attention`, registered as the attention implementation
 `DECODE_ATTENTION`, reads the grouped-query KV cache directly in compiled single-token steps
-instead of through `repeat_kv` copies (Tempo's `generate` selects it for an sdpa decoder).
+instead of through `repeat_kv` copies (Tempo's `generate` selects it for an sdpa decoder); and
+`TempoDecoderAttention`, the stock `Qwen3Attention` with its element-wise steps before the cache
+(q/k norms, head transposes, rotary embedding) in a method that `TempoModel.compile_decoder`
+compiles (`set_split_decoder_attention` switches it in; only `compile_decoder` does).
 
 `set_fast_paths(compressor, enabled)` switches the first two in or out (they keep the stock
 parameters and names, so checkpoints do not change); tests compare both ways.
@@ -26,11 +29,18 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen3.modeling_qwen3 import (
+    Qwen3Attention,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
 from transformers.models.qwen3_vl.modeling_qwen3_vl import (
     Qwen3VLVisionAttention,
     Qwen3VLVisionPatchEmbed,
     apply_rotary_pos_emb_vision,
 )
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.import_utils import is_torch_greater_or_equal
 
 
@@ -206,3 +216,61 @@ def register_attention_functions() -> None:
 
 
 register_attention_functions()
+
+
+# ------------------------------------------------------------------------------------------
+# decoder attention, split for compilation
+
+
+class TempoDecoderAttention(Qwen3Attention):
+    """`Qwen3Attention` with the element-wise steps between the projections and the KV cache in a
+    method of their own, `rotated_states`, so that they can be compiled on their own.
+
+    Why a method: a compiled attention module (or decoder layer) is compiled again for every layer,
+    since torch.compile specialises on the integer `layer_idx` that the cache update reads. The
+    method does not read it, so one compilation serves every layer. The projections stay outside it,
+    so that the fused q/k/v product of `fused_projections` keeps serving the prefill (inside a trace
+    it is only taken in graphed decoding's step). Everything else is the stock forward: cache
+    update, attention implementation, output projection and the returned pair.
+    """
+
+    def rotated_states(self, query, key, value, cos, sin):
+        """The q/k/v projections' outputs (batch, seq, heads * head_dim) as (batch, heads, seq,
+        head_dim) each: query and key normalised per head and rotated."""
+        heads = (*query.shape[:-1], -1, self.head_dim)
+        query = self.q_norm(query.view(heads)).transpose(1, 2)
+        key = self.k_norm(key.view(heads)).transpose(1, 2)
+        value = value.view(heads).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        return query, key, value
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+        projected = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        query, key, value = self.rotated_states(*projected, *position_embeddings)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        output, weights = attend(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        output = output.reshape(*hidden_states.shape[:-1], -1).contiguous()
+        return self.o_proj(output), weights
+
+
+def set_split_decoder_attention(decoder: torch.nn.Module, enabled: bool = True) -> list[torch.nn.Module]:
+    """Switch the `Qwen3Attention` modules under `decoder` to `TempoDecoderAttention` (or back);
+    returns the modules switched. Same parameters and names; only the class changes."""
+    source, target = (Qwen3Attention, TempoDecoderAttention) if enabled else (TempoDecoderAttention, Qwen3Attention)
+    switched = [module for module in decoder.modules() if type(module) is source]
+    for module in switched:
+        module.__class__ = target
+    return switched

@@ -214,5 +214,6 @@ def fused_products_in_trace(module: nn.Module):
 # The decoder's projections that share an input, by the class of the module that holds them.
 DECODER_GROUPS = {
     "Qwen3Attention": ("q_proj", "k_proj", "v_proj"),
+    "TempoDecoderAttention": ("q_proj", "k_proj", "v_proj"),  # the same after `compile_decoder`
     "Qwen3MLP": ("gate_proj", "up_proj"),
 }

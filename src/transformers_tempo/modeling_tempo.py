@@ -10,6 +10,7 @@ The file reads in the order data flows:
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -22,9 +23,11 @@ from transformers.utils import can_return_tuple, logging
 
 from .configuration_tempo import TempoConfig
 from .fast_paths import (
+    TempoDecoderAttention,
     equal_group_length,
     mrope_position_ids,
     set_fast_paths,
+    set_split_decoder_attention,
     vision_cu_seqlens_cpu,
 )
 from .fused_projections import DECODER_GROUPS, fuse_projections
@@ -225,7 +228,8 @@ class TempoPreTrainedModel(PreTrainedModel):
 
 
 def compiled_decoder_modules(decoder: nn.Module) -> list[nn.Module]:
-    """The modules of a decoder that `TempoModel.compile_decoder` compiles: its RMSNorms and MLPs."""
+    """The modules of a decoder that `TempoModel.compile_decoder` compiles whole: its RMSNorms and MLPs.
+    (It compiles the attention modules' `rotated_states` method only, see `TempoDecoderAttention`.)"""
     return [module for module in decoder.modules() if type(module).__name__.endswith(("RMSNorm", "MLP"))]
 
 
@@ -269,24 +273,37 @@ class TempoModel(TempoPreTrainedModel):
             layer.compile(**compile_kwargs)
 
     def compile_decoder(self, **compile_kwargs) -> None:
-        """`torch.compile` the decoder's RMSNorm modules (four per layer and the last one) and MLPs, in place.
+        """`torch.compile` the decoder's element-wise work, in place: its RMSNorm modules (four per
+        layer and the last one), its MLPs, and in each attention the steps between the q/k/v
+        projections and the KV cache (per-head norms, transposes, rotary embedding).
 
         In a profile of one prefill on an H200 (Tempo-6B architecture, 8.3k spliced tokens), about
         100 ms of the 190 ms were small element-wise kernels around the matmuls (72 ms) and attention
         (32 ms); each RMSNorm ran as about seven of them (casts, square, mean, rsqrt, two products),
         and each MLP's SiLU and product were two more passes over its widest activation. Compiled,
-        each norm is one kernel and each MLP one between its products. Only these modules: the whole
+        each norm is one kernel and each MLP one between its products. Only these parts: the whole
         decoder compiled for any prompt length took minutes to compile (a tiny 36-layer decoder on
         CPU had not answered after 110 s), and a decoder layer or its attention recompiles for every
         layer (torch.compile specialises on the layer's index into the cache), while the norms and
         MLPs, the same modules everywhere, compile a handful of times in seconds and are reused by
-        every layer. Compiled for any shape (`dynamic=True` unless given): the prompt's length
-        changes with every question. Measured on one H200 (8.3k-token prompt), each pair in one
-        run: norms only 0.210 -> 0.174 s; norms and MLPs 0.200 -> 0.156 s. Same function, same weights.
+        every layer. The attention's part is compiled the same way: its modules become
+        `TempoDecoderAttention` (the stock forward with that part in a method, `rotated_states`,
+        that does not read the layer's index), and one compiled function serves every layer.
+        Compiled for any shape (`dynamic=True` unless given): the prompt's length changes with every
+        question. Measured on one H200 (8.3k-token prompt), each pair in one run: norms only
+        0.210 -> 0.174 s; norms and MLPs 0.200 -> 0.156 s. The attention's part is predicted to
+        save about 20 ms more (the eager rotary embedding and its casts in the profile of the
+        0.156 s prefill), not yet measured. Same function, same weights.
         """
         compile_kwargs.setdefault("dynamic", True)
         for module in compiled_decoder_modules(self.language_model):
             module.compile(**compile_kwargs)
+        set_split_decoder_attention(self.language_model)
+        rotated_states = torch.compile(TempoDecoderAttention.rotated_states, **compile_kwargs)
+        for module in self.language_model.modules():
+            if isinstance(module, TempoDecoderAttention):
+                # bound to its module, and rebound by a deep copy (a compiled bound method would not be)
+                module.rotated_states = types.MethodType(rotated_states, module)
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
@@ -962,7 +979,7 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
         return output
 
     def enable_compiled_inference(self, **compile_kwargs):
-        """Compile the compressor layers and the decoder's norms and MLPs (`TempoModel.compile_compressor`,
+        """Compile the compressor layers and the decoder's norms, MLPs and attention element-wise steps (`TempoModel.compile_compressor`,
         `TempoModel.compile_decoder`), fuse the decoder's q/k/v and gate/up projections into one
         matmul each (`fuse_projections`; same weights and checkpoint, no extra memory, so call it
         once the model is on its device), and decode with a static cache. On CUDA, greedy decoding

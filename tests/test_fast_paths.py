@@ -349,8 +349,10 @@ def test_compiled_decoder_attention_compiles_once_for_any_layer_count(tokenizer,
         # the prefill's and the one-token steps' rotary: the compiled method is what ran
         assert sum(is_rotary_graph(graph) for graph in graphs) == 2
         compilations[layers] = len(graphs)
+        # a deep copy shares the compiled function, which takes the module it runs for as an argument
         copied = copy.deepcopy(model).model.language_model.layers[0].self_attn
-        assert copied.rotated_states.__self__ is copied  # a deep copy computes with its own weights
+        assert copied.compiled_rotated_states is attentions[0].compiled_rotated_states is not None
+        assert not hasattr(copied.compiled_rotated_states, "__self__")
     assert compilations[2] == compilations[4]
     torch._dynamo.reset()
 

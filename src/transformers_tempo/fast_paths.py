@@ -234,6 +234,12 @@ class TempoDecoderAttention(Qwen3Attention):
     update, attention implementation, output projection and the returned pair.
     """
 
+    # Set per module by `TempoModel.compile_decoder`: `rotated_states` compiled, a plain function
+    # called with the module first. Not a bound method: torch 2.11's dynamo, tracing graphed
+    # decoding's step, called a method bound around a compiled function without its module
+    # ("missing 1 required positional argument"; one H200), so the step was captured uncompiled.
+    compiled_rotated_states = None
+
     def rotated_states(self, query, key, value, cos, sin):
         """The q/k/v projections' outputs (batch, seq, heads * head_dim) as (batch, heads, seq,
         head_dim) each: query and key normalised per head and rotated."""
@@ -247,7 +253,8 @@ class TempoDecoderAttention(Qwen3Attention):
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
         projected = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-        query, key, value = self.rotated_states(*projected, *position_embeddings)
+        rotate = self.compiled_rotated_states or TempoDecoderAttention.rotated_states
+        query, key, value = rotate(self, *projected, *position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)

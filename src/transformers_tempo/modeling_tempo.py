@@ -10,7 +10,6 @@ The file reads in the order data flows:
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass, field
 
 import torch
@@ -302,8 +301,7 @@ class TempoModel(TempoPreTrainedModel):
         rotated_states = torch.compile(TempoDecoderAttention.rotated_states, **compile_kwargs)
         for module in self.language_model.modules():
             if isinstance(module, TempoDecoderAttention):
-                # bound to its module, and rebound by a deep copy (a compiled bound method would not be)
-                module.rotated_states = types.MethodType(rotated_states, module)
+                module.compiled_rotated_states = rotated_states
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
@@ -979,8 +977,8 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
         return output
 
     def enable_compiled_inference(self, **compile_kwargs):
-        """Compile the compressor layers and the decoder's norms, MLPs and attention element-wise steps (`TempoModel.compile_compressor`,
-        `TempoModel.compile_decoder`), fuse the decoder's q/k/v and gate/up projections into one
+        """Compile the compressor layers and the decoder's norms, MLPs and attention element-wise steps
+        (`TempoModel.compile_compressor`, `TempoModel.compile_decoder`), fuse the decoder's q/k/v and gate/up projections into one
         matmul each (`fuse_projections`; same weights and checkpoint, no extra memory, so call it
         once the model is on its device), and decode with a static cache. On CUDA, greedy decoding
         then replays the compiled step as one CUDA graph (`graphed_decoding`); elsewhere

@@ -11,7 +11,9 @@ several formulations, each under torch.compile, against a float32 reference:
   - gqa_sdpa: sdpa with enable_gqa=True and the mask
   - grouped_sdpa: the query heads of one key/value head as that head's queries (tried in session 2)
   - grouped_matmul: two matmuls per key/value head (bf16 scores)
-  - tempo_decode: `fast_paths.decode_attention` (the package's decoding attention)
+  - tempo_decode: `fast_paths.decode_attention` (the package's decoding attention: split_kv on
+    CUDA with Triton, else gqa_sdpa)
+  - split_kv: `split_kv_attention`'s Triton kernels (chunks of slots per key/value head, merged)
   - flex_decode: flex_attention's decoding kernel with the mask read in a mask_mod
   - unmasked_lower_bound: sdpa over the valid slots without a mask (a floor, not a usable path)
 Part 2 (--decoder) runs the real decoder (random bf16 weights) through `generate` with a static
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from transformers_tempo import TempoConfig  # noqa: E402
+from transformers_tempo import TempoConfig, split_kv_attention  # noqa: E402
 from transformers_tempo.fast_paths import DECODE_ATTENTION, decode_attention  # noqa: E402
 
 
@@ -86,6 +88,13 @@ def flex_decode(q, k, v, mask, scale):
     return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True).transpose(1, 2)
 
 
+def split_kv(q, k, v, mask, scale):
+    """`split_kv_attention`'s two Triton kernels: chunks of slots per key/value head, then their merge."""
+    from transformers_tempo.split_kv_attention import split_kv_decode_attention
+
+    return split_kv_decode_attention(q, k, v, mask, scale)
+
+
 def unmasked_lower_bound(q, k, v, mask, scale):
     """sdpa over the valid slots only, no mask: not usable in a captured step (the length changes
     every step), timed as the kernel-time floor the masked formulations are compared with."""
@@ -101,6 +110,7 @@ VARIANTS = {
     "grouped_sdpa": grouped_sdpa,
     "grouped_matmul": grouped_matmul,
     "tempo_decode": tempo_decode,
+    "split_kv": split_kv,
 }
 
 
@@ -147,7 +157,8 @@ def time_calls(fn, args, device, layers: int, repeats: int) -> float:
 def kernels(args, device, dtype) -> list[dict]:
     text = TempoConfig.tempo_6b().text_config
     heads, kv_heads, dim = text.num_attention_heads, text.num_key_value_heads, text.head_dim
-    slots, valid = args.slots, args.slots - 40  # the last steps' slots are still empty
+    slots = args.slots
+    valid = args.valid or slots - 40  # the last steps' slots are still empty
     torch.manual_seed(0)
     q = torch.randn(1, heads, 1, dim, device=device, dtype=dtype)
     k = torch.randn(1, kv_heads, slots, dim, device=device, dtype=dtype)
@@ -156,16 +167,22 @@ def kernels(args, device, dtype) -> list[dict]:
     scale = dim**-0.5
     ref = reference(q, k, v, mask, scale)
     rows = []
-    for name in args.variants:
+    runs = [(name, None) for name in args.variants] + [("split_kv", n) for n in args.split_programs]
+    for name, programs in runs:
         fn = VARIANTS[name]
         compiled = torch.compile(fn, dynamic=False) if not args.no_compile else fn
+        label = name if programs is None else f"split_kv@{programs}"
+        saved = split_kv_attention.TARGET_PROGRAMS
+        split_kv_attention.TARGET_PROGRAMS = programs or saved
         try:
             out = compiled(q, k, v, mask, scale)
             err = (out.float() - ref).abs().max().item()
             us = time_calls(compiled, (q, k, v, mask, scale), device, text.num_hidden_layers, args.repeats)
-            row = {"variant": name, "us_per_call": round(us, 1), "max_abs_err_vs_fp32": err}
+            row = {"variant": label, "us_per_call": round(us, 1), "max_abs_err_vs_fp32": err}
         except Exception as exc:  # a formulation this torch cannot run is reported, not fatal
-            row = {"variant": name, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            row = {"variant": label, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        finally:
+            split_kv_attention.TARGET_PROGRAMS = saved
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -231,8 +248,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CPU, small sizes, no compile")
     p.add_argument("--slots", type=int, default=8320, help="static cache length")
+    p.add_argument("--valid", type=int, default=None, help="slots the mask lets through (default: all but 40)")
+    p.add_argument("--split-programs", type=int, nargs="*", default=[],
+                   help="also time split_kv with these TARGET_PROGRAMS (programs it aims to launch)")
     p.add_argument("--repeats", type=int, default=50)
-    p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    p.add_argument("--variants", nargs="*", default=None, help="default: all (split_kv only on CUDA)")
     p.add_argument("--decoder", nargs="*", default=[], help=f"attention implementations, e.g. sdpa {DECODE_ATTENTION}")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--no-compile", action="store_true")
@@ -241,6 +261,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if args.variants is None:  # Triton kernels need a GPU (or Triton's interpreter)
+        args.variants = [name for name in VARIANTS if device.type == "cuda" or name != "split_kv"]
     if args.tiny:
         args.slots, args.repeats, args.no_compile = min(args.slots, 300), 2, True
     result = {

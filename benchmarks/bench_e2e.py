@@ -28,6 +28,7 @@ from transformers.generation.streamers import BaseStreamer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from transformers_tempo import TempoConfig, TempoForConditionalGeneration  # noqa: E402
+from transformers_tempo import fast_paths, split_kv_attention  # noqa: E402
 from transformers_tempo.fast_paths import TempoDecoderAttention, set_split_decoder_attention  # noqa: E402
 from transformers_tempo.fused_projections import DECODER_GROUPS, fuse_projections, set_fused_projections  # noqa: E402
 from transformers_tempo.graphed_decoding import release_graphed_decoding  # noqa: E402
@@ -166,6 +167,7 @@ def first_difference(a, b) -> int | None:
 GRAPHED_MODES = {
     "graphed": True,
     "graphed-autotune": "max-autotune-no-cudagraphs",
+    "graphed-autotune-sdpa": "max-autotune-no-cudagraphs",  # attention by sdpa, not the split-KV kernel
     "graphed-eager": "eager",
     "graphed-unfused": "eager",
 }
@@ -296,6 +298,7 @@ def run_decode_mode(model, prepared, device, mode: str, args, row: dict, answers
     extra = {"cache_implementation": "static"} if mode != "dynamic" else {}
     model.graphed_decoding = GRAPHED_MODES.get(mode, False)
     set_fused_projections(model, mode != "graphed-unfused")
+    fast_paths.SPLIT_KV_DECODING = not mode.endswith("-sdpa")
     release_graphed_decoding(model.plain_decoder())  # a graph kept from another mode would replay it
     # timed without a streamer: it would sync every step (and switch the graphed loop off)
     try:  # warm-up with the same shapes (the static cache's length follows max_new_tokens)
@@ -392,8 +395,10 @@ def run_workload(model, processor, frames_count, args, device):
         for mode in args.decode_modes:
             with uncompiled_decoder(model, mode in UNCOMPILED_DECODER_MODES):
                 run_decode_mode(model, prepared, device, mode, args, row, answers)
-        for mode, out in answers.items():  # greedy tokens against the eager (dynamic) and compiled (static) loops
-            for other in ("dynamic", "static"):
+        fast_paths.SPLIT_KV_DECODING = True
+        # greedy tokens against the eager (dynamic) and compiled (static) loops and the first mode
+        for mode, out in answers.items():
+            for other in ("dynamic", "static", args.decode_modes[0]):
                 if other in answers and other != mode:
                     row[f"same_tokens_{mode}_vs_{other}"] = first_difference(out, answers[other])
         model.graphed_decoding = True
@@ -612,6 +617,8 @@ def main(argv=None):
                    help="with a graphed decode mode: also time an answer of this many tokens")
     p.add_argument("--decode-modes", nargs="+", default=["dynamic"], choices=["dynamic", "static", *GRAPHED_MODES],
                    help="KV cache for decoding: 'static' is transformers' compiled loop; 'graphed' replays one CUDA graph of the compiled step ('graphed-autotune': compiled with max-autotune), 'graphed-eager' of the eager kernels, 'graphed-unfused' the same without fused projections")
+    p.add_argument("--split-kv-programs", type=int, default=None, metavar="N",
+                   help="split_kv_attention.TARGET_PROGRAMS for the split-KV decoding attention")
     p.add_argument("--flops", action="store_true", help="count compressor FLOPs (one extra pass)")
     p.add_argument("--compare-tempo-forward-decode", action="store_true",
                    help="also decode through Tempo's own forward (the path before the plain Qwen3 view)")
@@ -643,6 +650,8 @@ def main(argv=None):
     p.add_argument("--machine", default=None)
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     args = p.parse_args(argv)
+    if args.split_kv_programs:
+        split_kv_attention.TARGET_PROGRAMS = args.split_kv_programs
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -673,6 +682,7 @@ def main(argv=None):
         "machine": machine,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": args.commit or commit or "unknown",
+        "split_kv_target_programs": split_kv_attention.TARGET_PROGRAMS,
         "dtype": str(dtype).replace("torch.", ""),
         "attn": args.attn,
         "budget": args.budget,
@@ -684,7 +694,9 @@ def main(argv=None):
     }
     # warm-up: first CUDA calls pay for kernel selection
     warm_up = {"flops": False, "profile_decode": False, "profile_prefill": False}
-    run_workload(model, processor, frames_list[0], argparse.Namespace(**{**vars(args), **warm_up}), device)
+    first = run_workload(model, processor, frames_list[0], argparse.Namespace(**{**vars(args), **warm_up}), device)
+    # each decode mode's first answer in this process: its compilation (and autotuning) included
+    results["first_answer_s"] = {key[len("warmup_"):]: value for key, value in first.items() if key.startswith("warmup_")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"e2e-{'tiny' if args.tiny else 'gpu'}-{results['date'][:10]}"

@@ -43,6 +43,8 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.import_utils import is_torch_greater_or_equal
 
+from .split_kv_attention import split_kv_applies, split_kv_decode_attention
+
 
 def equal_group_length(cu_seqlens: torch.Tensor) -> int | None:
     """The common length of the attention groups in `cu_seqlens`, or None when they differ.
@@ -184,6 +186,9 @@ DECODE_ATTENTION = "tempo_decode_sdpa"
 # Measured on torch 2.11 (H100): sdpa with enable_gqa and a mask runs a fused kernel; transformers
 # avoids that combination because older torch fell back to the math kernel for it.
 _GQA_WITH_MASK = is_torch_greater_or_equal("2.11", accept_dev=True)
+# Whether CUDA steps with a boolean mask take `split_kv_attention`'s Triton kernels (when Triton is
+# installed) instead of sdpa; the benchmarks switch it off to time sdpa in the same run.
+SPLIT_KV_DECODING = True
 
 
 def decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
@@ -205,6 +210,9 @@ def decode_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
+    if SPLIT_KV_DECODING and split_kv_applies(query, key, value, attention_mask):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return split_kv_decode_attention(query, key, value, attention_mask, scale), None
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True)
     return out.transpose(1, 2), None
 

@@ -114,6 +114,10 @@ VARIANTS = {
 }
 
 
+# split_kv_attention's settings, in the order --split-configs gives them
+SPLIT_KNOBS = ("TARGET_PROGRAMS", "BLOCK_SLOTS", "NUM_WARPS", "NUM_STAGES", "SKIP_EMPTY_TILES")
+
+
 def reference(q, k, v, mask, scale):
     groups = q.shape[1] // k.shape[1]
     k, v = k.float().repeat_interleave(groups, 1), v.float().repeat_interleave(groups, 1)
@@ -167,13 +171,14 @@ def kernels(args, device, dtype) -> list[dict]:
     scale = dim**-0.5
     ref = reference(q, k, v, mask, scale)
     rows = []
-    runs = [(name, None) for name in args.variants] + [("split_kv", n) for n in args.split_programs]
-    for name, programs in runs:
+    runs = [(name, None) for name in args.variants] + [("split_kv", config) for config in args.split_configs]
+    for name, config in runs:
         fn = VARIANTS[name]
-        compiled = torch.compile(fn, dynamic=False) if not args.no_compile else fn
-        label = name if programs is None else f"split_kv@{programs}"
-        saved = split_kv_attention.TARGET_PROGRAMS
-        split_kv_attention.TARGET_PROGRAMS = programs or saved
+        compiled = torch.compile(fn, dynamic=False) if not args.no_compile and config is None else fn
+        label = name if config is None else f"split_kv@{config}"
+        saved = {knob: getattr(split_kv_attention, knob) for knob in SPLIT_KNOBS}
+        for knob, value in zip(SPLIT_KNOBS, map(int, (config or "").split(":")) if config else []):
+            setattr(split_kv_attention, knob, value)
         try:
             out = compiled(q, k, v, mask, scale)
             err = (out.float() - ref).abs().max().item()
@@ -182,7 +187,8 @@ def kernels(args, device, dtype) -> list[dict]:
         except Exception as exc:  # a formulation this torch cannot run is reported, not fatal
             row = {"variant": label, "error": f"{type(exc).__name__}: {exc}"[:300]}
         finally:
-            split_kv_attention.TARGET_PROGRAMS = saved
+            for knob, value in saved.items():
+                setattr(split_kv_attention, knob, value)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -249,8 +255,9 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="CPU, small sizes, no compile")
     p.add_argument("--slots", type=int, default=8320, help="static cache length")
     p.add_argument("--valid", type=int, default=None, help="slots the mask lets through (default: all but 40)")
-    p.add_argument("--split-programs", type=int, nargs="*", default=[],
-                   help="also time split_kv with these TARGET_PROGRAMS (programs it aims to launch)")
+    p.add_argument("--split-configs", nargs="*", default=[], metavar="P:B:W:S:E",
+                   help="also time split_kv (uncompiled: a custom op) with these settings of "
+                   "split_kv_attention's " + ", ".join(SPLIT_KNOBS))
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--variants", nargs="*", default=None, help="default: all (split_kv only on CUDA)")
     p.add_argument("--decoder", nargs="*", default=[], help=f"attention implementations, e.g. sdpa {DECODE_ATTENTION}")

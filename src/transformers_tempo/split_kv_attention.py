@@ -24,7 +24,10 @@ except ImportError:  # CPU-only installs: decode_attention keeps sdpa
     triton = None
 
 BLOCK_SLOTS = 64  # slots per inner iteration (one tile of keys and values)
-TARGET_PROGRAMS = 264  # about two programs per multiprocessor of an H100/H200 (132)
+TARGET_PROGRAMS = 528  # about four programs per multiprocessor of an H100/H200 (132)
+NUM_WARPS = 4
+NUM_STAGES = 2
+SKIP_EMPTY_TILES = True  # whether a tile whose slots are all masked is skipped (a branch in the loop)
 
 
 def split_kv_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> bool:
@@ -62,13 +65,28 @@ def split_sizes(batch: int, kv_heads: int, slots: int) -> tuple[int, int]:
 if triton is not None:
 
     @triton.jit
+    def _attend_tile(query, keys, values, cols, dims, valid, stride_ks, stride_vs, scale, best, total, acc):
+        """One tile of slots folded into the running softmax (best score, sum, weighted values)."""
+        key = tl.load(keys + cols[:, None] * stride_ks + dims[None, :], mask=valid[:, None], other=0.0)
+        scores = tl.dot(query, tl.trans(key)) * scale
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, axis=1))
+        shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # no inf - inf
+        probs = tl.exp(scores - shift[:, None])
+        decay = tl.exp(best - shift)
+        total = total * decay + tl.sum(probs, axis=1)
+        value = tl.load(values + cols[:, None] * stride_vs + dims[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * decay[:, None] + tl.dot(probs.to(value.dtype), value)
+        return new_best, total, acc
+
+    @triton.jit
     def _partial_kernel(
         Q, K, V, MASK, ACC, MAX, SUM,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         stride_mb, stride_ms,
         slots, chunks, scale,
         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr,
-        BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+        BLOCK: tl.constexpr, CHUNK: tl.constexpr, SKIP_EMPTY: tl.constexpr,
     ):
         row_head = tl.program_id(0)  # batch row * KV_HEADS + key/value head
         part = tl.program_id(1)
@@ -88,18 +106,13 @@ if triton is not None:
         for offset in range(0, CHUNK, BLOCK):
             cols = first + offset + tl.arange(0, BLOCK)
             valid = tl.load(MASK + row * stride_mb + cols * stride_ms, mask=cols < slots, other=0) != 0
-            if tl.max(valid.to(tl.int32), axis=0) > 0:  # an all-masked tile is not read
-                key = tl.load(keys + cols[:, None] * stride_ks + dims[None, :], mask=valid[:, None], other=0.0)
-                scores = tl.dot(query, tl.trans(key)) * scale
-                scores = tl.where(valid[None, :], scores, float("-inf"))
-                new_best = tl.maximum(best, tl.max(scores, axis=1))
-                shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # no inf - inf
-                probs = tl.exp(scores - shift[:, None])
-                decay = tl.exp(best - shift)
-                total = total * decay + tl.sum(probs, axis=1)
-                value = tl.load(values + cols[:, None] * stride_vs + dims[None, :], mask=valid[:, None], other=0.0)
-                acc = acc * decay[:, None] + tl.dot(probs.to(value.dtype), value)
-                best = new_best
+            if SKIP_EMPTY:
+                if tl.max(valid.to(tl.int32), axis=0) > 0:  # masked slots are never read anyway
+                    best, total, acc = _attend_tile(query, keys, values, cols, dims, valid, stride_ks, stride_vs,
+                                                    scale, best, total, acc)
+            else:
+                best, total, acc = _attend_tile(query, keys, values, cols, dims, valid, stride_ks, stride_vs,
+                                                scale, best, total, acc)
         slot = (row * KV_HEADS * GROUP + heads) * chunks + part  # (batch * heads, chunks) layout
         tl.store(ACC + slot[:, None] * DIM + dims[None, :], acc, mask=real[:, None])
         tl.store(MAX + slot, best, mask=real)
@@ -141,7 +154,7 @@ def split_kv_decode_attention(
         mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(3),
         slots, chunks, scale,
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim,
-        BLOCK=BLOCK_SLOTS, CHUNK=chunk,
+        BLOCK=BLOCK_SLOTS, CHUNK=chunk, SKIP_EMPTY=SKIP_EMPTY_TILES, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     out = torch.empty((batch, 1, heads, dim), dtype=query.dtype, device=query.device)
     _combine_kernel[(batch * heads,)](acc, best, total, out, chunks, DIM=dim, CHUNKS_PAD=triton.next_power_of_2(chunks))

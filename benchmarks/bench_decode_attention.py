@@ -115,7 +115,7 @@ VARIANTS = {
 
 
 # split_kv_attention's settings, in the order --split-configs gives them
-SPLIT_KNOBS = ("TARGET_PROGRAMS", "BLOCK_SLOTS", "NUM_WARPS", "NUM_STAGES", "SKIP_EMPTY_TILES")
+SPLIT_KNOBS = ("TARGET_PROGRAMS", "BLOCK_SLOTS", "NUM_WARPS", "NUM_STAGES")
 
 
 def reference(q, k, v, mask, scale):
@@ -255,7 +255,7 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="CPU, small sizes, no compile")
     p.add_argument("--slots", type=int, default=8320, help="static cache length")
     p.add_argument("--valid", type=int, default=None, help="slots the mask lets through (default: all but 40)")
-    p.add_argument("--split-configs", nargs="*", default=[], metavar="P:B:W:S:E",
+    p.add_argument("--split-configs", nargs="*", default=[], metavar="P:B:W:S",
                    help="also time split_kv (uncompiled: a custom op) with these settings of "
                    "split_kv_attention's " + ", ".join(SPLIT_KNOBS))
     p.add_argument("--repeats", type=int, default=50)

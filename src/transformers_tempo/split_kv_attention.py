@@ -4,9 +4,15 @@ A decoding step has one query token per row. sdpa's fused kernels give each (row
 block of threads, so at batch 1 the 32 query heads of the 4B decoder keep a few dozen of an
 H200's 132 multiprocessors busy while they read the whole cache (about 34 MB per layer at 8.3k
 slots). Here each program reads one chunk of slots of one key/value head, for all the query heads
-that share it (grouped-query attention, the cache is read once), and keeps a running softmax over
-the chunk; a second kernel combines the chunks' partial results. Chunks whose slots are all
-masked (the static cache's empty tail) are not read.
+that share it (grouped-query attention: the cache is read once), and keeps a running softmax over
+the chunk; a second kernel combines the chunks' partial results. Masked slots (the static cache's
+empty tail, left padding) are not loaded.
+
+Measured on one H200 (`bench_decode_attention.py`, 9,216 slots of which 8,313 valid, the Tempo-6B
+decoder's heads, 36 layers replayed from a CUDA graph): 11.9 us per layer against 15.5 for sdpa
+with `enable_gqa` and the mask, and 12.9 for sdpa over the valid slots without a mask. The settings
+below are the fastest of the 20 tried there; skipping all-masked tiles with a branch in the loop
+was slower (14.0 us), since it stops Triton from pipelining the loads.
 
 The same function as sdpa with a boolean mask: scores in float32, probabilities rounded to the
 value dtype before the product with the values, as flash-attention kernels do. Only used on CUDA
@@ -26,8 +32,7 @@ except ImportError:  # CPU-only installs: decode_attention keeps sdpa
 BLOCK_SLOTS = 64  # slots per inner iteration (one tile of keys and values)
 TARGET_PROGRAMS = 528  # about four programs per multiprocessor of an H100/H200 (132)
 NUM_WARPS = 4
-NUM_STAGES = 2
-SKIP_EMPTY_TILES = True  # whether a tile whose slots are all masked is skipped (a branch in the loop)
+NUM_STAGES = 3  # loads of the next tiles in flight while this one is computed
 
 
 def split_kv_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> bool:
@@ -55,11 +60,16 @@ def split_kv_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     )
 
 
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def split_sizes(batch: int, kv_heads: int, slots: int) -> tuple[int, int]:
-    """(slots per program, number of chunks): enough programs to fill the GPU, whole tiles each."""
-    wanted = max(1, min(-(-TARGET_PROGRAMS // (batch * kv_heads)), -(-slots // BLOCK_SLOTS)))
-    chunk = -(-(-(-slots // wanted)) // BLOCK_SLOTS) * BLOCK_SLOTS
-    return chunk, -(-slots // chunk)
+    """(slots per chunk, number of chunks): about TARGET_PROGRAMS programs, whole tiles each."""
+    tiles = _ceil_div(slots, BLOCK_SLOTS)
+    wanted_chunks = max(1, min(_ceil_div(TARGET_PROGRAMS, batch * kv_heads), tiles))
+    chunk = _ceil_div(tiles, wanted_chunks) * BLOCK_SLOTS
+    return chunk, _ceil_div(slots, chunk)
 
 
 if triton is not None:
@@ -86,7 +96,7 @@ if triton is not None:
         stride_mb, stride_ms,
         slots, chunks, scale,
         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr,
-        BLOCK: tl.constexpr, CHUNK: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+        BLOCK: tl.constexpr, CHUNK: tl.constexpr,
     ):
         row_head = tl.program_id(0)  # batch row * KV_HEADS + key/value head
         part = tl.program_id(1)
@@ -106,13 +116,8 @@ if triton is not None:
         for offset in range(0, CHUNK, BLOCK):
             cols = first + offset + tl.arange(0, BLOCK)
             valid = tl.load(MASK + row * stride_mb + cols * stride_ms, mask=cols < slots, other=0) != 0
-            if SKIP_EMPTY:
-                if tl.max(valid.to(tl.int32), axis=0) > 0:  # masked slots are never read anyway
-                    best, total, acc = _attend_tile(query, keys, values, cols, dims, valid, stride_ks, stride_vs,
-                                                    scale, best, total, acc)
-            else:
-                best, total, acc = _attend_tile(query, keys, values, cols, dims, valid, stride_ks, stride_vs,
-                                                scale, best, total, acc)
+            best, total, acc = _attend_tile(query, keys, values, cols, dims, valid, stride_ks, stride_vs,
+                                            scale, best, total, acc)
         slot = (row * KV_HEADS * GROUP + heads) * chunks + part  # (batch * heads, chunks) layout
         tl.store(ACC + slot[:, None] * DIM + dims[None, :], acc, mask=real[:, None])
         tl.store(MAX + slot, best, mask=real)
@@ -154,7 +159,7 @@ def split_kv_decode_attention(
         mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(3),
         slots, chunks, scale,
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim,
-        BLOCK=BLOCK_SLOTS, CHUNK=chunk, SKIP_EMPTY=SKIP_EMPTY_TILES, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        BLOCK=BLOCK_SLOTS, CHUNK=chunk, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     out = torch.empty((batch, 1, heads, dim), dtype=query.dtype, device=query.device)
     _combine_kernel[(batch * heads,)](acc, best, total, out, chunks, DIM=dim, CHUNKS_PAD=triton.next_power_of_2(chunks))

@@ -371,10 +371,8 @@ def test_the_capture_is_fenced_by_clearing_cublas_workspaces(cpu_stepper, monkey
     assert isinstance(stepper.graph, Graph)
 
 
-def test_the_compiled_step_gives_the_eager_steps_tokens(cpu_stepper):
-    """Inductor really compiles the step (on the CPU here) and it advances the buffers as the eager step does."""
-    compiled, saved = cpu_stepper()
-    eager, _ = cpu_stepper("eager")
+def step_both_and_compare(compiled, eager, saved):
+    """Warm the compiled stepper up, take three steps with each, and check they advanced alike."""
     with torch.no_grad():
         compiled._warm_up(saved)
         for _ in range(3):
@@ -383,6 +381,13 @@ def test_the_compiled_step_gives_the_eager_steps_tokens(cpu_stepper):
     assert compiled._run is not compiled._step
     assert torch.equal(compiled.tokens(4), eager.tokens(4))
     assert torch.equal(compiled.position, eager.position) and torch.equal(compiled.mask, eager.mask)
+
+
+def test_the_compiled_step_gives_the_eager_steps_tokens(cpu_stepper):
+    """Inductor really compiles the step (on the CPU here) and it advances the buffers as the eager step does."""
+    compiled, saved = cpu_stepper()
+    eager, _ = cpu_stepper("eager")
+    step_both_and_compare(compiled, eager, saved)
 
 
 def test_the_step_traces_through_the_compiled_decoder(tiny_model, cpu_stepper, monkeypatch):
@@ -400,17 +405,10 @@ def test_the_step_traces_through_the_compiled_decoder(tiny_model, cpu_stepper, m
     compiled, saved = cpu_stepper(model=model)
     eager, _ = cpu_stepper("eager")
     before = len(graphs)
-    with torch.no_grad():
-        compiled._warm_up(saved)
-        for _ in range(3):
-            compiled.step()
-            eager.step()
-    assert compiled._run is not compiled._step
+    step_both_and_compare(compiled, eager, saved)
     step_graph = graphs[before]  # the warm-up's trace of the whole step
     negations = [node for node in step_graph.graph.nodes if node.target in (torch.neg, operator.neg)]
     assert len(negations) == 2 * model.config.text_config.num_hidden_layers  # query and key rotary, every layer
-    assert torch.equal(compiled.tokens(4), eager.tokens(4))
-    assert torch.equal(compiled.position, eager.position) and torch.equal(compiled.mask, eager.mask)
     torch._dynamo.reset()
 
 

@@ -2,6 +2,7 @@
 
 import copy
 import operator
+import pickle
 from contextlib import nullcontext
 from unittest import mock
 
@@ -349,10 +350,12 @@ def test_compiled_decoder_attention_compiles_once_for_any_layer_count(tokenizer,
         # the prefill's and the one-token steps' rotary: the compiled method is what ran
         assert sum(is_rotary_graph(graph) for graph in graphs) == 2
         compilations[layers] = len(graphs)
-        # a deep copy shares the compiled function, which takes the module it runs for as an argument
-        copied = copy.deepcopy(model).model.language_model.layers[0].self_attn
-        assert copied.compiled_rotated_states is attentions[0].compiled_rotated_states is not None
-        assert not hasattr(copied.compiled_rotated_states, "__self__")
+        assert not hasattr(attentions[0].compiled_rotated_states, "__self__")  # takes the module as an argument
+        # a deep copy or a pickled model is eager, like torch's compiled modules, and answers the same
+        for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            attention = copied.model.language_model.layers[0].self_attn
+            assert type(attention) is TempoDecoderAttention and attention.compiled_rotated_states is None
+            assert torch.equal(copied.generate(**prompts[0], **options), expected[0])
     assert compilations[2] == compilations[4]
     torch._dynamo.reset()
 

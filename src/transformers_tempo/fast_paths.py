@@ -250,6 +250,14 @@ class TempoDecoderAttention(Qwen3Attention):
     # ("missing 1 required positional argument"; one H200), so the step was captured uncompiled.
     compiled_rotated_states = None
 
+    def __getstate__(self):
+        # As `nn.Module` drops what `Module.compile` installed: a compiled function cannot be
+        # pickled, so a pickled or deep-copied module runs `rotated_states` eagerly, like its
+        # compiled norms and MLPs, until `compile_decoder` is called on the copy.
+        state = super().__getstate__()
+        state.pop("compiled_rotated_states", None)
+        return state
+
     def rotated_states(self, query, key, value, cos, sin):
         """The q/k/v projections' outputs (batch, seq, heads * head_dim) as (batch, heads, seq,
         head_dim) each: query and key normalised per head and rotated."""

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from transformers_tempo import fast_paths
-from transformers_tempo.split_kv_attention import BLOCK_SLOTS, TARGET_PROGRAMS, split_sizes
+from transformers_tempo.split_kv_attention import BLOCK_SLOTS, MAX_CHUNKS, TARGET_PROGRAMS, split_sizes
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -40,13 +40,17 @@ def step_inputs(batch, heads, kv_heads, slots, dim, dtype, device="cpu", seed=0)
     return query, key, value, mask.to(device), dim**-0.5
 
 
-@pytest.mark.parametrize("batch,kv_heads,slots", [(1, 8, 9216), (1, 8, 8281), (4, 8, 3000), (2, 1, 70), (16, 8, 9216)])
+@pytest.mark.parametrize(
+    "batch,kv_heads,slots", [(1, 8, 9216), (1, 8, 8281), (4, 8, 3000), (2, 1, 70), (16, 8, 9216), (1, 1, 131072)]
+)
 def test_chunks_are_whole_tiles_that_cover_the_slots_once(batch, kv_heads, slots):
     chunk, chunks = split_sizes(batch, kv_heads, slots)
     assert chunk % BLOCK_SLOTS == 0
     assert (chunks - 1) * chunk < slots <= chunks * chunk  # every slot in exactly one chunk, no empty chunk
     tiles = -(-slots // BLOCK_SLOTS)
-    assert batch * kv_heads * chunks >= min(TARGET_PROGRAMS, batch * kv_heads * tiles) // 2  # the GPU is kept busy
+    assert chunks <= MAX_CHUNKS  # what the merge kernel holds at once
+    busy = min(TARGET_PROGRAMS, batch * kv_heads * min(tiles, MAX_CHUNKS)) // 2
+    assert batch * kv_heads * chunks >= busy  # the GPU is kept busy
 
 
 def test_decode_attention_takes_the_split_kernel_for_compiled_steps_it_applies_to(monkeypatch):
@@ -79,6 +83,35 @@ def test_cpu_tensors_keep_sdpa():
     assert not split_kv_applies(query, key, value, mask)
 
 
+def test_a_gpu_without_bf16_tensor_cores_gets_sdpa_from_the_op(monkeypatch):
+    from transformers_tempo import split_kv_attention
+
+    monkeypatch.setattr(split_kv_attention, "_has_bf16_tensor_cores", lambda device: False)
+    query, key, value, mask, scale = step_inputs(2, 8, 2, 50, 16, torch.float32)
+    out = split_kv_attention.split_kv_decode_attention(query, key, value, mask, scale)
+    assert out.shape == (2, 1, 8, 16)
+    torch.testing.assert_close(out, reference(query, key, value, mask, scale), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA device and Triton")
+def test_split_kernel_refuses_what_it_cannot_compute():
+    from transformers_tempo.split_kv_attention import split_kv_applies
+
+    query, key, value, mask, _ = step_inputs(2, 8, 2, 64, 16, torch.bfloat16, device="cuda")
+    assert split_kv_applies(query, key, value, mask)
+    refused = {
+        "float32": (query.float(), key.float(), value.float(), mask),
+        "two query tokens": (query.expand(-1, -1, 2, -1), key, value, mask),
+        "a float mask": (query, key, value, mask.float()),
+        "a mask per query position": (query, key, value, mask.expand(-1, -1, 2, -1)),
+        "grad": (query.detach().requires_grad_(), key, value, mask),
+        "head dim 512": step_inputs(1, 2, 1, 64, 512, torch.bfloat16, device="cuda")[:4],
+        "head dim 80": step_inputs(1, 2, 1, 64, 80, torch.bfloat16, device="cuda")[:4],
+        "heads not a multiple of the key/value heads": (query[:, :7], key, value, mask),
+    }
+    assert [name for name, args in refused.items() if split_kv_applies(*args)] == []
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (its CPU interpreter)")
 def test_the_kernels_in_tritons_interpreter_equal_float32_attention():
     """float16 (the interpreter has no bfloat16): multi-tile chunks, a batch mask, an empty tail and
@@ -95,6 +128,17 @@ def test_the_kernels_in_tritons_interpreter_equal_float32_attention():
             assert out.shape == (shape[0], 1, shape[1], shape[4]) and error < 2e-3, (shape, error)
         compiled = torch.compile(split_kv_decode_attention, backend="aot_eager", fullgraph=True)
         assert torch.equal(compiled(query, key, value, mask, scale), out)
+        # head dim 128, query groups of 1 and 3, fewer slots than a tile, a contiguous query, one
+        # mask row for the whole batch, and a wholly masked row (zeros, not NaN)
+        for batch, heads, kv_heads, slots in [(3, 2, 2, 40), (2, 6, 2, 100)]:
+            query, key, value, _, scale = step_inputs(batch, heads, kv_heads, slots, 128, torch.float16)
+            query = query.contiguous()
+            mask = torch.rand(1, 1, 1, slots, generator=torch.Generator().manual_seed(slots)) < 0.6
+            out = split_kv_decode_attention(query, key, value, mask, scale)
+            error = (out.float() - reference(query, key, value, mask, scale)).abs().max().item()
+            assert error < 2e-3, (batch, heads, kv_heads, slots, error)
+        out = split_kv_decode_attention(query, key, value, torch.zeros_like(mask), scale)
+        assert torch.equal(out, torch.zeros_like(out))
         print("ok")
         """
     )

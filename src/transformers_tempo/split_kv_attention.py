@@ -21,7 +21,10 @@ when Triton is installed (`split_kv_applies`); `fast_paths.decode_attention` cho
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -31,20 +34,23 @@ except ImportError:  # CPU-only installs: decode_attention keeps sdpa
 
 BLOCK_SLOTS = 64  # slots per inner iteration (one tile of keys and values)
 TARGET_PROGRAMS = 528  # about four programs per multiprocessor of an H100/H200 (132)
+MAX_CHUNKS = 128  # the merge kernel holds one row's chunks at once
 NUM_WARPS = 4
 NUM_STAGES = 3  # loads of the next tiles in flight while this one is computed
 
 
 def split_kv_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> bool:
-    """Whether `split_kv_decode_attention` can compute this step: one query token, CUDA, half
-    precision, a power-of-two head size, whole query groups per key/value head, and a boolean
-    (batch or 1, 1, 1, slots) mask."""
+    """Whether `split_kv_decode_attention` can compute this step: one query token, inference, CUDA,
+    half precision, a power-of-two head size of 16-256 (larger tiles would not fit in shared memory),
+    whole query groups per key/value head, and a boolean (batch or 1, 1, 1, slots) mask."""
     if triton is None or not query.is_cuda or query.shape[2] != 1:
+        return False
+    if any(t.requires_grad for t in (query, key, value)):  # the op has no backward
         return False
     if query.dtype not in (torch.bfloat16, torch.float16) or key.dtype != query.dtype or value.dtype != query.dtype:
         return False
     dim = query.shape[-1]
-    if dim < 16 or dim & (dim - 1) or key.shape[-1] != dim or value.shape[-1] != dim:
+    if not 16 <= dim <= 256 or dim & (dim - 1) or key.shape[-1] != dim or value.shape[-1] != dim:
         return False
     if query.shape[1] % key.shape[1] or key.shape != value.shape or key.shape[0] != query.shape[0]:
         return False
@@ -64,10 +70,16 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.cache
+def _has_bf16_tensor_cores(device: torch.device) -> bool:
+    """Compute capability 8.0 or later; True off CUDA (Triton's CPU interpreter)."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def split_sizes(batch: int, kv_heads: int, slots: int) -> tuple[int, int]:
     """(slots per chunk, number of chunks): about TARGET_PROGRAMS programs, whole tiles each."""
     tiles = _ceil_div(slots, BLOCK_SLOTS)
-    wanted_chunks = max(1, min(_ceil_div(TARGET_PROGRAMS, batch * kv_heads), tiles))
+    wanted_chunks = max(1, min(_ceil_div(TARGET_PROGRAMS, batch * kv_heads), tiles, MAX_CHUNKS))
     chunk = _ceil_div(tiles, wanted_chunks) * BLOCK_SLOTS
     return chunk, _ceil_div(slots, chunk)
 
@@ -133,8 +145,9 @@ if triton is not None:
         total = tl.load(SUM + row_head * chunks + parts, mask=used, other=0.0)
         acc = tl.load(ACC + (row_head * chunks + parts)[:, None] * DIM + dims[None, :], mask=used[:, None], other=0.0)
         top = tl.max(best, axis=0)
+        top = tl.where(top == float("-inf"), 0.0, top)  # a wholly masked row gives zeros, not NaN
         weight = tl.exp(best - top)  # an all-masked chunk weighs 0
-        out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(total * weight, axis=0)
+        out = tl.sum(acc * weight[:, None], axis=0) / tl.maximum(tl.sum(total * weight, axis=0), 1e-30)
         tl.store(OUT + row_head * DIM + dims, out.to(OUT.dtype.element_ty))
 
 
@@ -145,6 +158,12 @@ def split_kv_decode_attention(
     """softmax(q k^T * scale, masked) v for one query token: query (batch, heads, 1, dim), key and
     value (batch, kv_heads, slots, dim), boolean mask (batch or 1, 1, 1, slots) -> (batch, 1, heads, dim).
     Check `split_kv_applies` first. A custom op, so torch.compile calls it as it is."""
+    if not _has_bf16_tensor_cores(query.device):  # Triton's bf16 products need compute capability 8.0
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2).contiguous()
+    # the kernels step through the head dimension with unit stride (checked here too: under
+    # torch.compile `split_kv_applies` saw only the traced tensors' strides)
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     batch, heads, _, dim = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
     group = heads // kv_heads

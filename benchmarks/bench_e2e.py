@@ -630,6 +630,9 @@ def main(argv=None):
                    "enable_compiled_inference does); the prefill is also timed without it")
     p.add_argument("--compressor-batch-sizes", type=int, nargs="+", default=None, metavar="N",
                    help="also time the compressor alone at these chunk sizes (segments per chunk)")
+    p.add_argument("--compressor-compile-mode", default=None, metavar="MODE",
+                   help="with --compile-compressor: a torch.compile mode, e.g. max-autotune-no-cudagraphs "
+                   "(inductor's matmul templates can take the bias, GELU and residual add as epilogues)")
     p.add_argument("--compile-static-shapes", action="store_true",
                    help="with --compile-compressor: specialise on the first shapes (torch.compile's default; "
                    "a new row length recompiles) instead of compiling for any shape")
@@ -667,7 +670,10 @@ def main(argv=None):
                 eager_compressor[n] = compressor_seconds(model, processor, n, args, device)
             if args.flops:
                 args.eager_flops[n] = compressor_seconds(model, processor, n, args, device, count_flops=True)
-        model.model.compile_compressor(**({"dynamic": None} if args.compile_static_shapes else {}))
+        options = {"dynamic": None} if args.compile_static_shapes else {}
+        if args.compressor_compile_mode:
+            options["mode"] = args.compressor_compile_mode
+        model.model.compile_compressor(**options)
         fuse_projections(model.model.language_model, DECODER_GROUPS)  # as enable_compiled_inference does
         if args.compile_decoder:
             model.model.compile_decoder()
@@ -683,6 +689,7 @@ def main(argv=None):
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": args.commit or commit or "unknown",
         "split_kv_target_programs": split_kv_attention.TARGET_PROGRAMS,
+        "compressor_compile_mode": args.compressor_compile_mode,
         "dtype": str(dtype).replace("torch.", ""),
         "attn": args.attn,
         "budget": args.budget,

@@ -177,8 +177,8 @@ def kernels(args, device, dtype) -> list[dict]:
         compiled = torch.compile(fn, dynamic=False) if not args.no_compile and config is None else fn
         label = name if config is None else f"split_kv@{config}"
         saved = {knob: getattr(split_kv_attention, knob) for knob in SPLIT_KNOBS}
-        for knob, value in zip(SPLIT_KNOBS, map(int, (config or "").split(":")) if config else []):
-            setattr(split_kv_attention, knob, value)
+        for knob, value in zip(SPLIT_KNOBS, config.split(":") if config else []):
+            setattr(split_kv_attention, knob, int(value))
         try:
             out = compiled(q, k, v, mask, scale)
             err = (out.float() - ref).abs().max().item()

@@ -178,18 +178,18 @@ def uncompiled_decoder(model, uncompiled: bool = True):
     """Run the decoder without the compile of `compile_decoder`: eager norms and MLPs, and the stock
     attention instead of the one with a compiled `rotated_states` (nothing to undo when it was not compiled)."""
     decoder = model.model.language_model
-    norms = compiled_decoder_modules(decoder)
-    saved = [norm._compiled_call_impl for norm in norms]
+    modules = compiled_decoder_modules(decoder)
+    saved = [module._compiled_call_impl for module in modules]
     split = []
     if uncompiled:
-        for norm in norms:
-            norm._compiled_call_impl = None
+        for module in modules:
+            module._compiled_call_impl = None
         split = set_split_decoder_attention(decoder, False)
     try:
         yield
     finally:
-        for norm, compiled in zip(norms, saved):
-            norm._compiled_call_impl = compiled
+        for module, compiled in zip(modules, saved):
+            module._compiled_call_impl = compiled
         for attention in split:
             attention.__class__ = TempoDecoderAttention
 

@@ -408,10 +408,10 @@ def _clear_cublas_workspaces() -> None:
     capture stream outside the capture, so without this the graph would record products that write
     to a workspace from the ordinary memory pool, which it does not own: torch's CUDA-graph trees
     (transformers' compiled static-cache loop uses them) free every workspace whenever they record,
-    and a later replay would write to freed memory. That is the likely cause (not yet confirmed on a
-    GPU) of a CUDA illegal memory access in a GPU test that ran that loop between our capture and
-    replay. Cleared before the capture, the products get a workspace from the graph's private pool,
-    which lives as long as the graph; cleared after, later work on the stream gets one of its own."""
+    and a later replay would write to freed memory. A GPU test that ran that loop between our capture
+    and replay failed so (a CUDA illegal memory access on one H200) and passes with this. Cleared
+    before the capture, the products get a workspace from the graph's private pool, which lives as
+    long as the graph; cleared after, later work on the stream gets one of its own."""
     clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)  # absent from CPU-only builds
     if clear is not None:
         clear()

@@ -976,15 +976,15 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
         return output
 
     def enable_compiled_inference(self, **compile_kwargs):
-        """Compile the compressor layers and the decoder's norms, MLPs and attention element-wise steps
-        (`TempoModel.compile_compressor`, `TempoModel.compile_decoder`), fuse the decoder's q/k/v and gate/up projections into one
-        matmul each (`fuse_projections`; same weights and checkpoint, no extra memory, so call it
-        once the model is on its device), and decode with a static cache. On CUDA, greedy decoding
-        then replays the compiled step as one CUDA graph (`graphed_decoding`); elsewhere
-        transformers keeps the step eager. The first calls pay the compilation; the cache length is
-        bucketed (`bucketed_static_cache_length`) so later videos reuse it. Measured on one H200 at
-        1024 frames: compressor 1.01 s compiled; prefill 0.156 s; decoding 252 tokens/s. Same
-        function; greedy tokens can differ only by kernel rounding."""
+        """Compile the compressor layers and the decoder's norms, MLPs and attention element-wise
+        steps (`TempoModel.compile_compressor`, `TempoModel.compile_decoder`), fuse the decoder's
+        q/k/v and gate/up projections into one matmul each (`fuse_projections`; same weights and
+        checkpoint, no extra memory, so call it once the model is on its device), and decode with a
+        static cache. On CUDA, greedy decoding then replays the compiled step as one CUDA graph
+        (`graphed_decoding`); elsewhere transformers keeps the step eager. The first calls pay the
+        compilation; the cache length is bucketed (`bucketed_static_cache_length`) so later videos
+        reuse it. Measured on one H200 at 1024 frames: compressor 1.00 s compiled; prefill 0.13 s;
+        decoding 244-252 tokens/s. Same function; greedy tokens can differ only by kernel rounding."""
         self.model.compile_compressor(**compile_kwargs)
         fuse_projections(self.model.language_model, DECODER_GROUPS)
         self.model.compile_decoder(**compile_kwargs)

@@ -1,8 +1,8 @@
 """Frame geometry shared by video loading and video processing: the sizes of Tempo's resize chain
 and the bicubic kernels that produce them (see `video_processing_tempo` for the chain itself).
 
-A low module: it imports nothing from the package, so the loader can shrink frames while decoding
-exactly as the processor would, without the two modules importing each other.
+A low module: it imports only the leaf `resize_kernels` from the package, so the loader can shrink
+frames while decoding exactly as the processor would, without the two modules importing each other.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .resize_kernels import resize_uint8_frames, triton_resize_applies
 
 __all__ = [
     "RESIZE_BACKENDS",
@@ -30,6 +32,10 @@ __all__ = [
 RESIZE_CHUNK_FRAMES = 64
 # Kernels for steps (a) and (b): torch's uint8 kernel (fast), or PIL's (the reference's, exact).
 RESIZE_BACKENDS = ("torch", "pil")
+# On CUDA with Triton, resize uint8 frames with `resize_kernels` (two separable passes, no float
+# copy of the frames) rather than F.interpolate on a float32 copy: the same function within float
+# rounding. False keeps F.interpolate (for comparison in benchmarks).
+TRITON_RESIZE = True
 
 
 # ----------------------------------------------------------------------------------------
@@ -113,20 +119,26 @@ def video_frame_sizes(
 # resizing
 
 
-def resize_frames(frames: torch.Tensor, size: tuple[int, int], like_pil: bool = True) -> torch.Tensor:
+def resize_frames(
+    frames: torch.Tensor, size: tuple[int, int], like_pil: bool = True, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Bicubic antialiased resize of a (N, C, H, W) uint8 stack to `size` = (height, width).
 
     like_pil=True: on CPU torch's uint8 kernel (a port of Pillow's, within 1 grey level of PIL
     BICUBIC); elsewhere float32, clamped and rounded. like_pil=False: always the float32 path,
     which is exactly torchvision's `transforms.functional.resize` on a uint8 tensor (what
-    qwen-vl-utils calls for step (c)).
+    qwen-vl-utils calls for step (c)). On CUDA the float32 path runs as `resize_kernels`' Triton
+    passes when Triton is installed. `out`: a contiguous tensor of the result's shape to write to.
     """
     if frames.dtype != torch.uint8 or frames.ndim != 4:
         raise ValueError(f"expected a (N, C, H, W) uint8 tensor, got {tuple(frames.shape)} {frames.dtype}")
     size = (int(size[0]), int(size[1]))
+    if TRITON_RESIZE and triton_resize_applies(frames):
+        return resize_uint8_frames(frames, size, out=out)
     if tuple(frames.shape[-2:]) == size:
-        return frames
-    out = torch.empty((frames.shape[0], frames.shape[1], *size), dtype=torch.uint8, device=frames.device)
+        return frames if out is None else out.copy_(frames)
+    if out is None:
+        out = torch.empty((frames.shape[0], frames.shape[1], *size), dtype=torch.uint8, device=frames.device)
     native_uint8 = like_pil and frames.device.type == "cpu"
     for start in range(0, frames.shape[0], RESIZE_CHUNK_FRAMES):
         chunk = frames[start : start + RESIZE_CHUNK_FRAMES]
@@ -169,9 +181,9 @@ def upload_and_resize(
             compute_stream.wait_stream(copy_stream)
             piece.record_stream(compute_stream)
         piece = piece.permute(0, 3, 1, 2)
-        for size in sizes:
+        for size in sizes[:-1]:
             piece = resize_frames(piece, size, like_pil=True)
-        out[start : start + piece.shape[0]] = piece
+        resize_frames(piece, out_size, like_pil=True, out=out[start : start + piece.shape[0]])
     return out
 
 

@@ -408,6 +408,26 @@ def test_generate_on_gpu_matches_cpu(tiny_model, hand_inputs):
     assert torch.equal(cpu, gpu.cpu())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pinned_host_pixels_uploaded_ahead_give_the_device_pixels_result(tiny_model, hand_inputs):
+    """Chunks of pinned host patches go up on a side stream one chunk ahead; the result is that of
+    patches already on the GPU, for `compress` and `encode_video_features` alike."""
+    inputs = hand_inputs([5])
+    gpu_model = copy.deepcopy(tiny_model).cuda()
+    args = (inputs.compressor_input_ids.cuda(), inputs.compressor_attention_mask.cuda())
+    grid = inputs.video_grid_thw.cuda()
+    pinned = inputs.pixel_values_videos.pin_memory()
+    with torch.no_grad():
+        on_device = gpu_model.compress(*args, pixel_values_videos=pinned.cuda(), video_grid_thw=grid, compressor_batch_size=2)
+        ahead = gpu_model.compress(*args, pixel_values_videos=pinned, video_grid_thw=grid, compressor_batch_size=2)
+        features = gpu_model.encode_video_features(pinned, grid, compressor_batch_size=2)
+        reused = gpu_model.compress(*args, video_grid_thw=grid, video_features=features, compressor_batch_size=2)
+    assert torch.equal(ahead.features, on_device.features)
+    assert torch.equal(ahead.relevance_scores, on_device.relevance_scores)
+    assert torch.equal(reused.features, on_device.features)
+
+
 def test_compress_progress_bar_same_result(tiny_model, hand_inputs, capsys):
     inputs = hand_inputs([3])
     args = (inputs.compressor_input_ids, inputs.compressor_attention_mask)

@@ -28,7 +28,7 @@ from transformers.generation.streamers import BaseStreamer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from transformers_tempo import TempoConfig, TempoForConditionalGeneration  # noqa: E402
-from transformers_tempo import fast_paths, split_kv_attention  # noqa: E402
+from transformers_tempo import fast_paths, frame_geometry, split_kv_attention  # noqa: E402
 from transformers_tempo.fast_paths import TempoDecoderAttention, set_split_decoder_attention  # noqa: E402
 from transformers_tempo.fused_projections import DECODER_GROUPS, fuse_projections, set_fused_projections  # noqa: E402
 from transformers_tempo.graphed_decoding import release_graphed_decoding  # noqa: E402
@@ -332,16 +332,8 @@ def compressor_by_batch_size(model, processor, frames_count, args, device) -> li
     return rows
 
 
-def run_workload(model, processor, frames_count, args, device):
-    args.frames_for_profile = args.profile or 1024
-    h, w = (720, 1280) if not args.tiny else (96, 160)
-    gen = torch.Generator().manual_seed(frames_count)
-    frames = torch.randint(0, 256, (frames_count, h, w, 3), dtype=torch.uint8, generator=gen)
-    if device.type == "cuda":  # in page-locked memory, as load_video(pin_memory=True) decodes them
-        frames = frames.pin_memory()
-    row = {"frames": frames_count}
-
-    reset_peak(device)
+def timed_preprocess(model, processor, frames, args, device) -> tuple[dict, float]:
+    """The processor's inputs for `frames` on `device` and the seconds it took."""
     t0 = now(device)
     # GPU preprocessing hands the patches back in pinned host memory, in the model's dtype (the vision
     # tower casts to it first thing, so the same function); compress() uploads them chunk by chunk.
@@ -358,7 +350,24 @@ def run_workload(model, processor, frames_count, args, device):
     pixels = inputs.pop("pixel_values_videos")
     inputs = inputs.to(device)
     inputs["pixel_values_videos"] = pixels
-    row["preprocess_s"] = now(device) - t0
+    return inputs, now(device) - t0
+
+
+def run_workload(model, processor, frames_count, args, device):
+    args.frames_for_profile = args.profile or 1024
+    h, w = (720, 1280) if not args.tiny else (96, 160)
+    gen = torch.Generator().manual_seed(frames_count)
+    frames = torch.randint(0, 256, (frames_count, h, w, 3), dtype=torch.uint8, generator=gen)
+    if device.type == "cuda":  # in page-locked memory, as load_video(pin_memory=True) decodes them
+        frames = frames.pin_memory()
+    row = {"frames": frames_count}
+
+    if args.compare_resize:  # the frames resized by F.interpolate on float copies, same run
+        frame_geometry.TRITON_RESIZE = False
+        row["preprocess_interpolate_s"] = min(timed_preprocess(model, processor, frames, args, device)[1] for _ in range(2))
+        frame_geometry.TRITON_RESIZE = True
+    reset_peak(device)
+    inputs, row["preprocess_s"] = timed_preprocess(model, processor, frames, args, device)
     row["preprocess_peak_gib"] = peak_gib(device)
     row["segments"] = int(inputs["video_grid_thw"].shape[0])
 
@@ -619,6 +628,8 @@ def main(argv=None):
                    help="KV cache for decoding: 'static' is transformers' compiled loop; 'graphed' replays one CUDA graph of the compiled step ('graphed-autotune': compiled with max-autotune), 'graphed-eager' of the eager kernels, 'graphed-unfused' the same without fused projections")
     p.add_argument("--split-kv-programs", type=int, default=None, metavar="N",
                    help="split_kv_attention.TARGET_PROGRAMS for the split-KV decoding attention")
+    p.add_argument("--compare-resize", action="store_true",
+                   help="also time preprocessing with F.interpolate resizing instead of the Triton kernels")
     p.add_argument("--flops", action="store_true", help="count compressor FLOPs (one extra pass)")
     p.add_argument("--compare-tempo-forward-decode", action="store_true",
                    help="also decode through Tempo's own forward (the path before the plain Qwen3 view)")

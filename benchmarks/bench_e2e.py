@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gzip
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +28,9 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import trace_gaps  # noqa: E402
 
 from transformers_tempo import TempoConfig, TempoForConditionalGeneration  # noqa: E402
 from transformers_tempo import fast_paths, frame_geometry, split_kv_attention  # noqa: E402
@@ -210,6 +215,20 @@ def write_profile(prof, device, path: Path, rows: int) -> Path:
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     path.write_text(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=70))
     return path
+
+
+def write_trace(prof, stem: Path) -> list[Path]:
+    """`prof` as a gzipped chrome trace, and `trace_gaps.py`'s account of the GPU's idle time beside it."""
+    raw = stem.with_suffix(".json")
+    prof.export_chrome_trace(str(raw))
+    packed = stem.with_suffix(".json.gz")
+    with open(raw, "rb") as source, gzip.open(packed, "wb") as target:
+        shutil.copyfileobj(source, target)
+    raw.unlink()
+    gaps = stem.parent / f"{stem.name}-gaps.txt"
+    with open(gaps, "w") as handle, contextlib.redirect_stdout(handle):
+        trace_gaps.main([str(packed)])
+    return [packed, gaps]
 
 
 def profile_decode(model, prepared, device, out_dir: Path, new_tokens: int, mode: str = "static") -> Path:
@@ -469,6 +488,8 @@ def profile_stages(model, processor, frames_count, args, device, out_dir: Path) 
         inputs = processor(text=QUESTION, videos=frames, video_metadata={"fps": 2.0}, return_tensors="pt", **options)
         now(device)
     written.append(write_profile(prof, device, out_dir / f"profile-preprocess-{frames_count}.txt", rows=30))
+    if args.trace:
+        written += write_trace(prof, out_dir / f"trace-preprocess-{frames_count}")
     pixels = inputs.pop("pixel_values_videos")
     inputs = inputs.to(device)
     with torch.inference_mode():
@@ -479,6 +500,8 @@ def profile_stages(model, processor, frames_count, args, device, out_dir: Path) 
             )
             now(device)
     written.append(write_profile(prof, device, out_dir / f"profile-compressor-{frames_count}.txt", rows=40))
+    if args.trace:
+        written += write_trace(prof, out_dir / f"trace-compressor-{frames_count}")
     return written
 
 
@@ -649,6 +672,8 @@ def main(argv=None):
                    "a new row length recompiles) instead of compiling for any shape")
     p.add_argument("--compare-eager", action="store_true", help="with --compile-compressor: time the eager compressor first")
     p.add_argument("--compare-stock", action="store_true", help="also time the compressor with the stock code paths")
+    p.add_argument("--trace", action="store_true",
+                   help="with --profile: also write gzipped chrome traces and trace_gaps.py's account of idle GPU time")
     p.add_argument("--profile", type=int, default=None, metavar="FRAMES",
                    help="write a torch.profiler table of one compressor pass at this many frames")
     p.add_argument("--file", default=None, help="also time file -> answer on this video")
@@ -688,8 +713,10 @@ def main(argv=None):
         fuse_projections(model.model.language_model, DECODER_GROUPS)  # as enable_compiled_inference does
         if args.compile_decoder:
             model.model.compile_decoder()
+        t0 = time.perf_counter()
         for n in frames_list:  # compile for every shape before timing (automatic dynamic shapes settle)
             compressor_seconds(model, processor, n, args, device, repeats=1)
+        args.compressor_compile_s = time.perf_counter() - t0  # compilation and two passes per size
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     except OSError:
@@ -701,6 +728,7 @@ def main(argv=None):
         "commit": args.commit or commit or "unknown",
         "split_kv_target_programs": split_kv_attention.TARGET_PROGRAMS,
         "compressor_compile_mode": args.compressor_compile_mode,
+        "compressor_compile_and_two_passes_s": getattr(args, "compressor_compile_s", None),
         "dtype": str(dtype).replace("torch.", ""),
         "attn": args.attn,
         "budget": args.budget,

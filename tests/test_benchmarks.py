@@ -62,3 +62,22 @@ def test_bench_batch_tiny_answers_every_video(tmp_path):
         summary = timed["summary"]
         assert (summary["items"], summary["answered"], summary["failed"], summary["missing"]) == (6, 6, 0, 0)
         assert summary["videos_per_s"] > 0 and timed["sampled_frames_per_video"] > 0
+
+
+def test_trace_gaps_finds_the_idle_gpu_and_names_the_cpu_op(tmp_path):
+    """Two kernels 500 us apart while the CPU sat in aten::item: one gap of 500 us, named."""
+    events = [
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 0, "dur": 100, "args": {"correlation": 1}},
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 90, "dur": 20, "args": {"correlation": 2}},  # overlaps
+        {"ph": "X", "cat": "kernel", "name": "gelu", "ts": 610, "dur": 50, "args": {"correlation": 3}},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::linear", "ts": 0, "dur": 700},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::item", "ts": 105, "dur": 400},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::gelu", "ts": 595, "dur": 10},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 600, "dur": 5, "args": {"correlation": 3}},
+    ]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "trace_gaps.py"), str(trace)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "busy 0.2 ms, idle 0.5 ms; 1 gaps of >= 20 us sum to 0.5 ms" in out.stdout
+    assert "aten::item  |  aten::gelu" in out.stdout

@@ -345,6 +345,22 @@ def test_cuda_matches_cpu(processor):
     assert torch.equal(host["pixel_values_videos"], gpu["pixel_values_videos"].to(torch.bfloat16).cpu())
 
 
+@needs_cuda
+def test_processor_hands_back_complete_host_pixels_from_the_gpu(tokenizer):
+    """The processor tokenizes while the GPU's copy to pinned host memory runs, then waits: its
+    host pixels are the GPU pixels, and the grid never left the CPU."""
+    from transformers_tempo import TempoProcessor
+
+    frames = torch.from_numpy(np.stack([natural_image(720, 1280, seed=s) for s in range(48)])).pin_memory()
+    processor = TempoProcessor(TempoVideoProcessor(), tokenizer)
+    options = dict(text="q", videos=frames, video_metadata={"fps": 2.0}, device="cuda", pixel_dtype=torch.bfloat16)
+    on_gpu = processor(**options)
+    on_host = processor(**options, pixel_device="cpu")
+    assert on_host["pixel_values_videos"].device.type == "cpu" and on_host["video_grid_thw"].device.type == "cpu"
+    assert torch.equal(on_host["pixel_values_videos"], on_gpu["pixel_values_videos"].cpu())
+    assert torch.equal(on_host["video_grid_thw"], on_gpu["video_grid_thw"].cpu())
+
+
 def _noisy(index, width, height):
     rng = np.random.default_rng(index)
     return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)

@@ -324,6 +324,7 @@ class TempoVideoProcessor(BaseVideoProcessor):
         dtype: torch.dtype | None = None,
         output_device: str | torch.device | None = None,
         resize_backend: str | None = None,
+        synchronize: bool = True,
     ) -> dict[str, Any]:
         """Sampled frames of one video -> compressor inputs, one segment per `video_grid_thw` row.
 
@@ -341,10 +342,15 @@ class TempoVideoProcessor(BaseVideoProcessor):
             resize_backend: "torch" or "pil" (default: the attribute). With "pil" the three
                 resizes run on the CPU as in the reference, and only the normalisation and the
                 patch layout run on `device`.
+            synchronize: with a CUDA `device` and `output_device="cpu"`, wait until the pixels are
+                in host memory (default). False returns once the copy is queued, so the caller can
+                do CPU work meanwhile; it must synchronize the device before reading them on the
+                CPU (a copy back to that GPU is ordered on its stream and needs no wait).
 
         Returns a dict with
             pixel_values_videos: float32 (sum of patches, 1536);
-            video_grid_thw: int64 (S, 3), one row (t, h/16, w/16) per segment;
+            video_grid_thw: int64 (S, 3) on the CPU, one row (t, h/16, w/16) per segment, as
+                transformers' video processors return it (reading it needs no device sync);
             segment_frame_timestamps: per segment, the time of each temporal patch (mean of
                 its two frames' index / real_fps);
             segment_centers: per segment, (i * frames_per_segment + frames_per_segment / 2) / real_fps;
@@ -387,7 +393,7 @@ class TempoVideoProcessor(BaseVideoProcessor):
             if backend == "pil":  # resized on the CPU; normalising is exact on any device, resizing is not
                 resized = resized.to(torch.device(device) if device is not None else frames.device)
             order = [i for s in members for i in segments[s].frames]
-            patches = self._frames_to_patches(resized, order, dtype, output_device)  # members' rows, in order
+            patches = self._frames_to_patches(resized, order, dtype, output_device, synchronize)  # members' rows
             rows_per_frame_pair = (size_c[0] // self.patch_size) * (size_c[1] // self.patch_size)
             offset = 0
             for s in members:
@@ -402,7 +408,7 @@ class TempoVideoProcessor(BaseVideoProcessor):
 
         return {
             "pixel_values_videos": pixel_values,
-            "video_grid_thw": grid.to(pixel_values.device),
+            "video_grid_thw": grid,
             "segment_frame_timestamps": [
                 patch_times(seg.start, len(seg.timestamp_indices) // self.temporal_patch_size, real_fps,
                             self.temporal_patch_size)
@@ -412,7 +418,9 @@ class TempoVideoProcessor(BaseVideoProcessor):
             "frame_size": (int(frame_size[0]), int(frame_size[1])),
         }
 
-    def _frames_to_patches(self, frames: torch.Tensor, order: list[int], dtype=None, output_device=None) -> torch.Tensor:
+    def _frames_to_patches(
+        self, frames: torch.Tensor, order: list[int], dtype=None, output_device=None, synchronize: bool = True
+    ) -> torch.Tensor:
         """Normalise and patchify `frames[order]` ((N, 3, H, W) uint8, N even), a chunk of
         frames at a time into one preallocated output (the float copy of the whole clip is
         never held twice)."""
@@ -433,7 +441,7 @@ class TempoVideoProcessor(BaseVideoProcessor):
             rows = self._patchify(self._normalize(picked)).to(out.dtype)
             first = start // tp * rows_per_step
             out[first : first + rows.shape[0]].copy_(rows, non_blocking=to_host)
-        if to_host:
+        if to_host and synchronize:
             torch.cuda.synchronize(frames.device)  # the pinned copy is complete before anyone reads it
         return out
 

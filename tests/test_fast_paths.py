@@ -12,17 +12,12 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers import DynamicCache
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
-from transformers.models.qwen3_vl.modeling_qwen3_vl import (
-    Qwen3VLTextModel,
-    Qwen3VLVisionAttention,
-    Qwen3VLVisionPatchEmbed,
-)
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionAttention, Qwen3VLVisionPatchEmbed
 
 from transformers_tempo import fast_paths, modeling_tempo
 from transformers_tempo.fast_paths import (
     DECODE_ATTENTION,
     TempoDecoderAttention,
-    TempoVLTextModel,
     TempoVisionAttention,
     TempoVisionPatchEmbed,
     decode_attention,
@@ -68,20 +63,6 @@ def test_fast_modules_are_installed_and_switch_back(tiny_model):
     # parameter names (the checkpoint format) do not change
     assert [n for n, _ in plain.named_parameters()] == [n for n, _ in tiny_model.named_parameters()]
     assert set_fast_paths(pv, True) == 1 + len(pv.blocks)
-    assert type(tiny_model.model.compressor.language_model) is TempoVLTextModel
-    assert type(plain.model.compressor.language_model) is Qwen3VLTextModel
-
-
-def test_deepstack_update_on_flat_positions_is_the_stock_update(tiny_model):
-    """Bit for bit, for a mask reused across layers and for the next forward's new mask."""
-    text = tiny_model.model.compressor.language_model
-    stock = Qwen3VLTextModel._deepstack_process
-    generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(3, 10, 8, generator=generator)
-    for mask in (torch.rand(3, 10, generator=generator) < 0.4, torch.rand(3, 10, generator=generator) < 0.7):
-        for _ in range(2):  # two deepstack layers of one forward share the mask
-            embeds = torch.randn(int(mask.sum()), 8, generator=generator)
-            assert torch.equal(text._deepstack_process(hidden, mask, embeds), stock(text, hidden, mask, embeds))
 
 
 @pytest.mark.parametrize("samples", [[3], [2, "image", 0], [1, 2]])
@@ -130,68 +111,6 @@ def test_unequal_groups_fall_back_to_the_loop(tiny_model):
         fast = vision(pixels, grid_thw=grid, cu_seqlens=cu)
         stock = plain(pixels, grid_thw=grid)
     torch.testing.assert_close(fast.pooler_output, stock.pooler_output, rtol=1e-4, atol=1e-5)
-
-
-def test_compress_hands_the_tower_its_grid_inputs_computed_once_per_grid(tiny_model, hand_inputs):
-    """The tower takes the precomputed rotary ids and interpolation taps (it would fail computing
-    them here) and the compressor's output is the stock one; a repeated grid is not recomputed."""
-    from transformers.models.qwen3_vl import modeling_qwen3_vl
-
-    inputs = hand_inputs([3, 2], grid=(4, 4, 6), seed=5)
-    stock = compress(stock_copy(tiny_model), inputs)
-    fast_paths._vision_grid_inputs.cache_clear()
-
-    def given_only(function, key):  # the tower's helper, refusing to compute what it was not handed
-        def helper(*args, kwargs=None, **options):
-            assert kwargs is not None and key in kwargs, f"{function.__name__} computed inside the tower"
-            return function(*args, kwargs=kwargs, **options)
-        return helper
-
-    position_ids = given_only(modeling_qwen3_vl.get_vision_position_ids, "position_ids")
-    taps = given_only(modeling_qwen3_vl.get_vision_interpolation_indices_and_weights, "interp_indices")
-    with mock.patch.object(modeling_qwen3_vl, "get_vision_position_ids", position_ids), \
-            mock.patch.object(modeling_qwen3_vl, "get_vision_interpolation_indices_and_weights", taps):
-        fast = compress(tiny_model, inputs)
-        first = fast_paths._vision_grid_inputs.cache_info()
-        again = compress(tiny_model, inputs)
-    torch.testing.assert_close(fast.features, stock.features, rtol=1e-4, atol=1e-5)
-    assert torch.equal(again.features, fast.features)
-    second = fast_paths._vision_grid_inputs.cache_info()
-    assert first.misses >= 1 and second.misses == first.misses  # the second pass recomputes nothing
-    assert second.hits - first.hits == first.misses + first.hits
-
-
-def test_grid_inputs_equal_transformers_own_for_ragged_grids(tiny_model):
-    from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
-
-    visual = tiny_model.model.compressor.visual
-    grid = torch.tensor([[2, 4, 6], [1, 6, 4], [4, 2, 2]])
-    got = fast_paths.vision_grid_inputs(visual, grid, "image_")
-    indices, weights = get_vision_interpolation_indices_and_weights(
-        grid, visual.num_grid_per_side, visual.interpolation_mode, visual.interpolation_align_corners,
-        visual.spatial_merge_size,
-    )
-    assert sorted(got) == ["image_cu_seqlens", "image_interp_indices", "image_interp_weights", "image_position_ids"]
-    assert torch.equal(got["image_position_ids"], get_vision_position_ids(grid, visual.spatial_merge_size))
-    assert torch.equal(got["image_interp_indices"], indices) and torch.equal(got["image_interp_weights"], weights)
-    assert got["image_cu_seqlens"].tolist() == [0, 24, 48, 72, 76, 80, 84, 88]
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_grid_inputs_made_on_the_cpu_equal_those_made_on_the_gpu(tiny_model):
-    from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
-
-    visual = copy.deepcopy(tiny_model.model.compressor.visual).cuda()
-    grid = torch.tensor([[4, 16, 32]] * 3 + [[2, 18, 24]])
-    got = fast_paths.vision_grid_inputs(visual, grid, "video_")
-    indices, weights = get_vision_interpolation_indices_and_weights(
-        grid.cuda(), visual.num_grid_per_side, visual.interpolation_mode, visual.interpolation_align_corners,
-        visual.spatial_merge_size,
-    )
-    assert got["video_interp_weights"].is_cuda and torch.equal(got["video_interp_weights"], weights)
-    assert torch.equal(got["video_interp_indices"], indices)
-    assert torch.equal(got["video_position_ids"], get_vision_position_ids(grid.cuda(), visual.spatial_merge_size))
 
 
 def test_cu_seqlens_and_group_length():

@@ -1,4 +1,4 @@
-"""Faster versions of compressor steps that compute the same function as the stock ones.
+"""Faster versions of three compressor steps that compute the same function as the stock ones.
 
 The stock transformers code is written for chat use (one image or a few frames); Tempo runs the
 compressor over hundreds of equal-sized frame groups, where per-group Python loops dominate:
@@ -8,14 +8,8 @@ compressor over hundreds of equal-sized frame groups, where per-group Python loo
   patches (all frames of a video are resized alike) we run one batched sdpa call instead.
 * `TempoVisionPatchEmbed`: the patch embedding is a Conv3d whose stride equals its kernel, i.e. one
   matmul per patch; cuDNN's bf16 Conv3d is slow for this shape, a Linear on the flattened patch is not.
-* `TempoVLTextModel`: the compressor's text model, whose deepstack update (visual features added
-  to the hidden states of the first layers) finds the visual positions once, not twice per layer.
 * `mrope_position_ids`: `Qwen3VLModel.get_rope_index` loops in Python over rows and token groups;
   this builds the same 3-axis position ids with a few tensor ops for the whole chunk.
-* `vision_grid_inputs`: the vision tower's grid-only inputs (rotary position ids, the position
-  table's interpolation taps, attention boundaries), which it would rebuild for every chunk with a
-  loop over its frame groups and GPU syncs, computed once per grid on the CPU and handed in
-  through transformers' precomputed-kwargs convention (`video_position_ids`, ...).
 
 The decoder gets two more: `decode_attention`, registered as the attention implementation
 `DECODE_ATTENTION`, reads the grouped-query KV cache directly in compiled single-token steps
@@ -24,13 +18,11 @@ instead of through `repeat_kv` copies (Tempo's `generate` selects it for an sdpa
 (q/k norms, head transposes, rotary embedding) in a method that `TempoModel.compile_decoder`
 compiles (`set_split_decoder_attention` switches it in; only `compile_decoder` does).
 
-`set_fast_paths(compressor, enabled)` switches the module classes in or out (they keep the stock
+`set_fast_paths(compressor, enabled)` switches the first two in or out (they keep the stock
 parameters and names, so checkpoints do not change); tests compare both ways.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -44,13 +36,11 @@ from transformers.models.qwen3.modeling_qwen3 import (
     eager_attention_forward,
 )
 from transformers.models.qwen3_vl.modeling_qwen3_vl import (
-    Qwen3VLTextModel,
     Qwen3VLVisionAttention,
     Qwen3VLVisionPatchEmbed,
     apply_rotary_pos_emb_vision,
 )
 from transformers.utils.deprecation import deprecate_kwarg
-from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
 from transformers.utils.import_utils import is_torch_greater_or_equal
 
 from .split_kv_attention import split_kv_applies, split_kv_decode_attention
@@ -95,26 +85,6 @@ class TempoVisionAttention(Qwen3VLVisionAttention):
         return self.proj(out)
 
 
-class TempoVLTextModel(Qwen3VLTextModel):
-    """`Qwen3VLTextModel` whose deepstack update finds the visual positions once per forward.
-
-    The stock update indexes with the boolean mask twice in each deepstack layer (a gather and a
-    write-back), and every boolean index waits for the GPU to finish all queued work; after each
-    wait the GPU idles until the CPU has launched the next kernels. Here the mask becomes flat
-    indices once per mask (one wait) and the same gather, add and write-back run on them.
-    """
-
-    def _deepstack_process(self, hidden_states, visual_pos_masks, visual_embeds):
-        found = getattr(self, "_tempo_visual_positions", None)
-        if found is None or found[0] is not visual_pos_masks:  # a new forward's mask
-            found = (visual_pos_masks, visual_pos_masks.flatten().nonzero().squeeze(1).to(hidden_states.device))
-            self._tempo_visual_positions = found
-        hidden_states = hidden_states.clone()
-        flat = hidden_states.view(-1, hidden_states.shape[-1])
-        flat[found[1]] = flat[found[1]] + visual_embeds.to(hidden_states.device, hidden_states.dtype)
-        return hidden_states
-
-
 class TempoVisionPatchEmbed(Qwen3VLVisionPatchEmbed):
     """The Conv3d patch embedding as the Linear it is (stride == kernel size): same weights, same sums."""
 
@@ -124,11 +94,7 @@ class TempoVisionPatchEmbed(Qwen3VLVisionPatchEmbed):
         return F.linear(flat, weight.reshape(self.embed_dim, -1), self.proj.bias)
 
 
-_FAST = {
-    Qwen3VLVisionAttention: TempoVisionAttention,
-    Qwen3VLVisionPatchEmbed: TempoVisionPatchEmbed,
-    Qwen3VLTextModel: TempoVLTextModel,
-}
+_FAST = {Qwen3VLVisionAttention: TempoVisionAttention, Qwen3VLVisionPatchEmbed: TempoVisionPatchEmbed}
 _STOCK = {fast: stock for stock, fast in _FAST.items()}
 
 
@@ -149,37 +115,6 @@ def vision_cu_seqlens_cpu(grid_thw: torch.Tensor) -> torch.Tensor:
     grid = grid_thw.detach().to("cpu", torch.long)
     lengths = torch.repeat_interleave(grid[:, 1] * grid[:, 2], grid[:, 0])
     return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-
-
-def vision_grid_inputs(visual: torch.nn.Module, grid_cpu: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
-    """Precomputed grid-only inputs of a Qwen3-VL vision tower for `get_{prefix}features`.
-
-    A chunk of a video's frame groups ran, before its first matmul, a per-group Python loop for the
-    rotary position ids (32 groups: about 8 ms of CPU per chunk) after a GPU sync, with the GPU idle
-    meanwhile (one H200, 1024 frames: about 10 ms per chunk, 4 chunks). These depend on the grid
-    alone, so they are computed on the CPU once per grid (every chunk of a video has the same one)
-    and moved to the tower's device. Passed as transformers' precomputed kwargs, which the tower
-    pops instead of computing; `cu_seqlens` stays on the CPU (no sync to read it).
-    """
-    rows = tuple(tuple(row) for row in grid_cpu.tolist())
-    inputs = _vision_grid_inputs(rows, visual.spatial_merge_size, visual.num_grid_per_side,
-                                 visual.interpolation_mode, visual.interpolation_align_corners,
-                                 str(visual.pos_embed.weight.device))
-    return {prefix + name: value for name, value in inputs.items()}
-
-
-@functools.lru_cache(maxsize=16)
-def _vision_grid_inputs(rows, merge_size, grid_per_side, mode, align_corners, device) -> dict[str, torch.Tensor]:
-    grid = torch.tensor(rows, dtype=torch.long)
-    indices, weights = get_vision_interpolation_indices_and_weights(
-        grid, num_grid_per_side=grid_per_side, mode=mode, align_corners=align_corners, spatial_merge_size=merge_size
-    )
-    return {
-        "position_ids": get_vision_position_ids(grid, merge_size).to(device),
-        "interp_indices": indices.to(device),
-        "interp_weights": weights.to(device),
-        "cu_seqlens": vision_cu_seqlens_cpu(grid),
-    }
 
 
 def mrope_position_ids(

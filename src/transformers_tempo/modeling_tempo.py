@@ -28,7 +28,7 @@ from .fast_paths import (
     mrope_position_ids,
     set_fast_paths,
     set_split_decoder_attention,
-    vision_grid_inputs,
+    vision_cu_seqlens_cpu,
 )
 from .fused_projections import DECODER_GROUPS, fuse_projections
 from .generation_tempo import (
@@ -377,7 +377,6 @@ class TempoModel(TempoPreTrainedModel):
                 )
             bounds = [(start, min(start + chunk, rows.numel())) for start in range(0, rows.numel(), chunk)]
             uploads = self._device_pixel_chunks(pixels, grid, bounds) if grid is not None and given is None else None
-            grid_cpu = grid.cpu() if uploads is not None else None  # one sync for all chunks
             for start, stop in bounds:
                 sel = rows[start:stop]
                 chunk_grid = grid[start:stop] if grid is not None else None
@@ -385,7 +384,7 @@ class TempoModel(TempoPreTrainedModel):
                 if given is not None:
                     vision = given.rows(start, stop)
                 elif uploads is not None:
-                    vision = self._vision_features(next(uploads), grid_cpu[start:stop], video=kind_mask is is_video)
+                    vision = self._vision_features(next(uploads), chunk_grid, video=kind_mask is is_video)
                 feats, rel = self._compress_rows(
                     ids[sel], compressor_attention_mask[sel], vision, chunk_grid, video=kind_mask is is_video
                 )
@@ -430,21 +429,18 @@ class TempoModel(TempoPreTrainedModel):
             ahead = upload(index + 1)
             yield current
 
-    def _vision_features(self, chunk_pixels, chunk_grid_cpu: torch.Tensor, video: bool) -> VisionFeatures:
-        """The vision tower on one chunk's patches (on the model's device) and their grid rows (CPU)."""
+    def _vision_features(self, chunk_pixels, chunk_grid, video: bool) -> VisionFeatures:
+        """The vision tower on one chunk's patches (on the model's device) and their grid rows."""
         cfg = self.config.compressor_config
+        vision_kwargs = {}
+        if self.fast_paths and cfg.vision_config._attn_implementation == "sdpa":
+            # equal frame groups (the usual video): one batched attention call per layer
+            cu_seqlens = vision_cu_seqlens_cpu(chunk_grid)
+            group = equal_group_length(cu_seqlens)
+            if group is not None:
+                vision_kwargs = {"cu_seqlens": cu_seqlens, "vision_group_size": group}
         get_features = self.get_video_features if video else self.get_image_features
-        if not (self.fast_paths and cfg.vision_config._attn_implementation == "sdpa"):
-            out = get_features(chunk_pixels, chunk_grid_cpu.to(chunk_pixels.device))
-        else:
-            # the grid-only inputs precomputed once per grid; with them the tower needs the grid only
-            # on the CPU, and a chunk runs without a GPU sync
-            prefix = "video_" if video else "image_"
-            vision_kwargs = vision_grid_inputs(self.compressor.visual, chunk_grid_cpu, prefix)
-            group = equal_group_length(vision_kwargs[prefix + "cu_seqlens"])
-            if group is not None:  # equal frame groups (the usual video): one batched attention call per layer
-                vision_kwargs["vision_group_size"] = group
-            out = get_features(chunk_pixels, chunk_grid_cpu, **vision_kwargs)
+        out = get_features(chunk_pixels, chunk_grid, **vision_kwargs)
         per_row = [[layer[r] for layer in out.deepstack_features] for r in range(len(out.pooler_output))]
         return VisionFeatures(list(out.pooler_output), per_row)
 
@@ -465,9 +461,8 @@ class TempoModel(TempoPreTrainedModel):
         bounds = [(start, min(start + chunk, rows)) for start in range(0, rows, chunk)]
         features = VisionFeatures()
         uploads = self._device_pixel_chunks(pixel_values_videos, video_grid_thw, bounds)
-        grid_cpu = video_grid_thw.cpu()
         for (start, stop), chunk_pixels in zip(bounds, uploads):
-            features = features + self._vision_features(chunk_pixels, grid_cpu[start:stop], video=True)
+            features = features + self._vision_features(chunk_pixels, video_grid_thw[start:stop], video=True)
         return features
 
     def _compress_rows(self, ids, mask, vision: VisionFeatures | None, grid, video: bool):
@@ -507,8 +502,8 @@ class TempoModel(TempoPreTrainedModel):
         inputs_embeds = inputs_embeds.masked_scatter(memory_mask[..., None], memory.expand(rows, -1, -1))
 
         mm_token_type_ids = torch.zeros_like(ids, dtype=torch.int)
-        if vision is not None:  # (a boolean-indexed write would wait for the GPU; this does not)
-            mm_token_type_ids = visual_pos_masks.int() * (2 if video else 1)
+        if vision is not None:
+            mm_token_type_ids[visual_pos_masks] = 2 if video else 1
         if self.fast_paths:
             position_ids = mrope_position_ids(
                 mm_token_type_ids, attention_mask, grid, cfg.vision_config.spatial_merge_size

@@ -436,9 +436,8 @@ class TempoVideoProcessor(BaseVideoProcessor):
             pin_memory=to_host,
         )
         chunk = max(tp, RESIZE_CHUNK_FRAMES // tp * tp)
-        order_index = torch.tensor(order, device=frames.device)  # one copy up, not one per chunk
         for start in range(0, len(order), chunk):
-            picked = frames[order_index[start : start + chunk]]
+            picked = frames[torch.tensor(order[start : start + chunk], device=frames.device)]
             rows = self._patchify(self._normalize(picked)).to(out.dtype)
             first = start // tp * rows_per_step
             out[first : first + rows.shape[0]].copy_(rows, non_blocking=to_host)

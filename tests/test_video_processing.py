@@ -347,8 +347,8 @@ def test_cuda_matches_cpu(processor):
 
 @needs_cuda
 def test_processor_hands_back_complete_host_pixels_from_the_gpu(tokenizer):
-    """The processor tokenizes while the GPU's copy to pinned host memory runs, then waits: its
-    host pixels are the GPU pixels, and the grid never left the CPU."""
+    """Pixels made on the GPU and handed back in pinned host memory are the GPU pixels; the grid
+    stays on the CPU, as transformers' processors return it."""
     from transformers_tempo import TempoProcessor
 
     frames = torch.from_numpy(np.stack([natural_image(720, 1280, seed=s) for s in range(48)])).pin_memory()

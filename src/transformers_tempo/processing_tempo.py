@@ -573,10 +573,6 @@ class TempoProcessor(ProcessorMixin):
                 else:
                     data[pixel_key] = _concat_rows(pixels)
                 data[grid_key] = torch.cat([v["grid"] for v in chosen], dim=0)
-        if device is not None and torch.device(device).type == "cuda":
-            # pixels copied to host memory were only queued (tokenizing meanwhile saves the CPU's
-            # share of the wall time): they are complete before anyone can read them
-            torch.cuda.synchronize(device)
         return BatchFeature(data=data)
 
     def _prepare_visual(self, sample: dict, load_options: dict, device, pixel_options: dict) -> dict | None:
@@ -609,7 +605,6 @@ class TempoProcessor(ProcessorMixin):
                     dtype=pixel_options.get("dtype"),
                     output_device=pixel_options.get("output_device"),
                     resize_backend=pixel_options.get("resize_backend"),
-                    synchronize=False,  # `_encode` waits once its prompts are tokenized
                 )
             except (ValueError, TypeError, OSError) as error:
                 raise ValueError(f"sample {index}: could not read its video: {error}") from error

@@ -324,7 +324,6 @@ class TempoVideoProcessor(BaseVideoProcessor):
         dtype: torch.dtype | None = None,
         output_device: str | torch.device | None = None,
         resize_backend: str | None = None,
-        synchronize: bool = True,
     ) -> dict[str, Any]:
         """Sampled frames of one video -> compressor inputs, one segment per `video_grid_thw` row.
 
@@ -342,10 +341,6 @@ class TempoVideoProcessor(BaseVideoProcessor):
             resize_backend: "torch" or "pil" (default: the attribute). With "pil" the three
                 resizes run on the CPU as in the reference, and only the normalisation and the
                 patch layout run on `device`.
-            synchronize: with a CUDA `device` and `output_device="cpu"`, wait until the pixels are
-                in host memory (default). False returns once the copy is queued, so the caller can
-                do CPU work meanwhile; it must synchronize the device before reading them on the
-                CPU (a copy back to that GPU is ordered on its stream and needs no wait).
 
         Returns a dict with
             pixel_values_videos: float32 (sum of patches, 1536);
@@ -393,7 +388,7 @@ class TempoVideoProcessor(BaseVideoProcessor):
             if backend == "pil":  # resized on the CPU; normalising is exact on any device, resizing is not
                 resized = resized.to(torch.device(device) if device is not None else frames.device)
             order = [i for s in members for i in segments[s].frames]
-            patches = self._frames_to_patches(resized, order, dtype, output_device, synchronize)  # members' rows
+            patches = self._frames_to_patches(resized, order, dtype, output_device)  # members' rows, in order
             rows_per_frame_pair = (size_c[0] // self.patch_size) * (size_c[1] // self.patch_size)
             offset = 0
             for s in members:
@@ -418,9 +413,7 @@ class TempoVideoProcessor(BaseVideoProcessor):
             "frame_size": (int(frame_size[0]), int(frame_size[1])),
         }
 
-    def _frames_to_patches(
-        self, frames: torch.Tensor, order: list[int], dtype=None, output_device=None, synchronize: bool = True
-    ) -> torch.Tensor:
+    def _frames_to_patches(self, frames: torch.Tensor, order: list[int], dtype=None, output_device=None) -> torch.Tensor:
         """Normalise and patchify `frames[order]` ((N, 3, H, W) uint8, N even), a chunk of
         frames at a time into one preallocated output (the float copy of the whole clip is
         never held twice)."""
@@ -436,12 +429,13 @@ class TempoVideoProcessor(BaseVideoProcessor):
             pin_memory=to_host,
         )
         chunk = max(tp, RESIZE_CHUNK_FRAMES // tp * tp)
+        order_index = torch.tensor(order, device=frames.device)  # one copy up, not one per chunk
         for start in range(0, len(order), chunk):
-            picked = frames[torch.tensor(order[start : start + chunk], device=frames.device)]
+            picked = frames[order_index[start : start + chunk]]
             rows = self._patchify(self._normalize(picked)).to(out.dtype)
             first = start // tp * rows_per_step
             out[first : first + rows.shape[0]].copy_(rows, non_blocking=to_host)
-        if to_host and synchronize:
+        if to_host:
             torch.cuda.synchronize(frames.device)  # the pinned copy is complete before anyone reads it
         return out
 

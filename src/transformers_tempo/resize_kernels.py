@@ -4,8 +4,9 @@
 is first copied to float32 (and to a contiguous layout: frames come channels-last from the
 decoder), then resized by a kernel in which every output pixel reads its whole window (10 x 10
 input pixels when 1280x720 becomes 512x288), then clamped, rounded and cast back. Measured on one
-H200 for 1024 frames of 1280x720 (`profile-preprocess-1024.txt`): 41 ms in the resize kernel and
-about 30 ms in the conversions around it.
+H200 for 1024 frames of 1280x720: 41 ms in that resize kernel and about 30 ms in the conversions
+around it; these passes take 27 ms, and preprocessing took 0.124 s against 0.139 s in the same run
+(`benchmarks/results/`, session 11: the frames' upload now sets its pace).
 
 Here the resize is what it is mathematically, two one-dimensional passes: the first reads the
 uint8 frames in whatever layout they have and resamples each row (float32 out), the second

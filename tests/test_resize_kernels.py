@@ -58,6 +58,22 @@ def test_resize_frames_routes_cuda_frames_to_the_kernels(monkeypatch):
     assert torch.equal(frame_geometry.resize_frames(frames, (20, 24), like_pil=False), out) and len(calls) == 1
 
 
+def test_resize_frames_gives_the_kernels_a_chunk_of_frames_at_a_time(monkeypatch):
+    """The first pass's float32 rows of a whole long clip would not fit: chunks, into one output."""
+    calls = []
+
+    def fake_kernels(frames, size, out=None):
+        calls.append(frames.shape[0])
+        return out.copy_(float_path(frames, size))
+
+    frames = torch.randint(0, 256, (5, 3, 30, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(frame_geometry, "triton_resize_applies", lambda frames: True)
+    monkeypatch.setattr(frame_geometry, "resize_uint8_frames", fake_kernels)
+    monkeypatch.setattr(frame_geometry, "RESIZE_CHUNK_FRAMES", 2)
+    assert torch.equal(frame_geometry.resize_frames(frames, (20, 24)), float_path(frames, (20, 24)))
+    assert calls == [2, 2, 1]
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (its CPU interpreter)")
 def test_the_kernels_in_tritons_interpreter_equal_the_float_path():
     """Shrinking, enlarging, one axis only, channels-last input, into `out`, and the float pass alone."""
@@ -67,7 +83,8 @@ def test_the_kernels_in_tritons_interpreter_equal_the_float_path():
         from test_resize_kernels import float_path
         from transformers_tempo.resize_kernels import _resample, resize_uint8_frames
         generator = torch.Generator().manual_seed(0)
-        for n, h, w, size in [(2, 72, 128, (29, 51)), (1, 20, 24, (33, 24)), (1, 30, 40, (30, 17)), (2, 36, 64, (32, 64))]:
+        for n, h, w, size in [(2, 72, 128, (29, 51)), (1, 20, 24, (33, 24)), (1, 30, 40, (30, 17)), (2, 36, 64, (32, 64)),
+                                (1, 40, 300, (5, 4))]:  # the last: over MAX_UNROLLED_TAPS taps, the looped kernel
             frames = torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8, generator=generator).permute(0, 3, 1, 2)
             out = resize_uint8_frames(frames, size)
             assert out.shape == (n, 3, *size) and out.is_contiguous(), (size, out.shape)

@@ -134,7 +134,16 @@ def resize_frames(
         raise ValueError(f"expected a (N, C, H, W) uint8 tensor, got {tuple(frames.shape)} {frames.dtype}")
     size = (int(size[0]), int(size[1]))
     if TRITON_RESIZE and triton_resize_applies(frames):
-        return resize_uint8_frames(frames, size, out=out)
+        if frames.shape[0] <= RESIZE_CHUNK_FRAMES or tuple(frames.shape[-2:]) == size:
+            return resize_uint8_frames(frames, size, out=out)
+        # a chunk at a time, as below: the first pass's float32 rows of a whole clip would take
+        # 4 bytes per (frame, channel, input row, output column), 18 GB for 4096 frames of 1280x720
+        if out is None:
+            out = torch.empty((frames.shape[0], frames.shape[1], *size), dtype=torch.uint8, device=frames.device)
+        for start in range(0, frames.shape[0], RESIZE_CHUNK_FRAMES):
+            resize_uint8_frames(frames[start : start + RESIZE_CHUNK_FRAMES], size,
+                                out=out[start : start + RESIZE_CHUNK_FRAMES])
+        return out
     if tuple(frames.shape[-2:]) == size:
         return frames if out is None else out.copy_(frames)
     if out is None:

@@ -18,6 +18,7 @@ so the result is the float path's up to float rounding (compared in the tests).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -33,6 +34,9 @@ __all__ = ["axis_weights", "resize_uint8_frames", "triton_resize_applies"]
 
 BLOCK_ROWS = 16
 BLOCK_COLS = 64
+# Taps up to this many are unrolled; beyond (shrinking by over ~8x) a loop keeps compile times
+# short (unrolled, 183 taps took 47 s to compile for sm_90, 640 taps over 9 minutes).
+MAX_UNROLLED_TAPS = 32
 
 
 def triton_resize_applies(frames: torch.Tensor) -> bool:
@@ -80,12 +84,28 @@ if triton is not None:
         return tl.where(tie_to_odd, rounded - 1.0, rounded).to(tl.uint8)
 
     @triton.jit
+    def _add_tap(acc, src, WEIGHTS, start, k, rows, cols, inside, in_len, out_rows, out_cols,
+                 stride_row, stride_col, TAPS: tl.constexpr, ALONG_ROWS: tl.constexpr):
+        """acc + tap k's weight times its input pixel, for each output pixel of the tile."""
+        index = start + k
+        if ALONG_ROWS:
+            weight = tl.load(WEIGHTS + cols * TAPS + k, mask=cols < out_cols, other=0.0)
+            pixel = tl.load(src + rows[:, None] * stride_row + index[None, :] * stride_col,
+                            mask=inside & (index < in_len)[None, :], other=0)
+            return acc + pixel.to(tl.float32) * weight[None, :]
+        else:
+            weight = tl.load(WEIGHTS + rows * TAPS + k, mask=rows < out_rows, other=0.0)
+            pixel = tl.load(src + index[:, None] * stride_row + cols[None, :] * stride_col,
+                            mask=inside & (index < in_len)[:, None], other=0)
+            return acc + pixel.to(tl.float32) * weight[:, None]
+
+    @triton.jit
     def _resample_kernel(
         SRC, DST, STARTS, WEIGHTS,
         channels, in_len, out_rows, out_cols,
         stride_n, stride_c, stride_row, stride_col,
         TAPS: tl.constexpr, ALONG_ROWS: tl.constexpr, TO_UINT8: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, MAX_UNROLLED_TAPS: tl.constexpr,
     ):
         """One plane's tile of DST (planes, out_rows, out_cols), resampled from SRC along its columns
         (ALONG_ROWS: each row is resampled, in_len -> out_cols) or along its rows (in_len -> out_rows)."""
@@ -97,20 +117,16 @@ if triton is not None:
         acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
         if ALONG_ROWS:
             start = tl.load(STARTS + cols, mask=cols < out_cols, other=0)
-            for k in tl.static_range(TAPS):
-                weight = tl.load(WEIGHTS + cols * TAPS + k, mask=cols < out_cols, other=0.0)
-                index = start + k
-                pixel = tl.load(src + rows[:, None] * stride_row + index[None, :] * stride_col,
-                                mask=inside & (index < in_len)[None, :], other=0)
-                acc += pixel.to(tl.float32) * weight[None, :]
         else:
             start = tl.load(STARTS + rows, mask=rows < out_rows, other=0)
+        if TAPS <= MAX_UNROLLED_TAPS:
             for k in tl.static_range(TAPS):
-                weight = tl.load(WEIGHTS + rows * TAPS + k, mask=rows < out_rows, other=0.0)
-                index = start + k
-                pixel = tl.load(src + index[:, None] * stride_row + cols[None, :] * stride_col,
-                                mask=inside & (index < in_len)[:, None], other=0)
-                acc += pixel.to(tl.float32) * weight[:, None]
+                acc = _add_tap(acc, src, WEIGHTS, start, k, rows, cols, inside, in_len, out_rows, out_cols,
+                               stride_row, stride_col, TAPS, ALONG_ROWS)
+        else:  # strong shrinking (taps grow as 4 * in/out): a loop, not hundreds of unrolled loads
+            for k in range(TAPS):
+                acc = _add_tap(acc, src, WEIGHTS, start, k, rows, cols, inside, in_len, out_rows, out_cols,
+                               stride_row, stride_col, TAPS, ALONG_ROWS)
         out = _round_to_uint8(acc) if TO_UINT8 else acc
         tl.store(DST + plane * out_rows * out_cols + rows[:, None] * out_cols + cols[None, :], out, mask=inside)
 
@@ -130,10 +146,13 @@ def _resample(src: torch.Tensor, out_size: int, along_rows: bool, to_uint8: bool
     if out is None:
         out = torch.empty((n, c, rows, cols), dtype=torch.uint8 if to_uint8 else torch.float32, device=src.device)
     grid = (n * c, triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(cols, BLOCK_COLS))
-    _resample_kernel[grid](
-        src, out, starts, weights, c, in_len, rows, cols, *src.stride(),
-        TAPS=weights.shape[1], ALONG_ROWS=along_rows, TO_UINT8=to_uint8, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS,
-    )
+    # Triton launches on the current device: frames on another GPU must make theirs current
+    with torch.cuda.device(src.device) if src.is_cuda else contextlib.nullcontext():
+        _resample_kernel[grid](
+            src, out, starts, weights, c, in_len, rows, cols, *src.stride(),
+            TAPS=weights.shape[1], ALONG_ROWS=along_rows, TO_UINT8=to_uint8, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS,
+            MAX_UNROLLED_TAPS=MAX_UNROLLED_TAPS,
+        )
     return out
 
 

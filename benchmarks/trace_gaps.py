@@ -3,8 +3,8 @@
     python benchmarks/trace_gaps.py trace.json.gz [--min-us 20] [--top 25]
 
 Merges every kernel, copy and memset (all streams) into busy intervals; each idle stretch of at
-least --min-us between them is a gap. For each gap it names the innermost CPU op running on the
-launching thread when the GPU went idle, and the CPU op that launched the work ending the gap, so a
+least --min-us between them is a gap. For each gap it names the innermost CPU op running (on any
+thread) when the GPU went idle, and the CPU op that launched the work ending the gap, so a
 sync (`aten::item`, `aten::nonzero`, `cudaStreamSynchronize`) or a stretch of Python between
 launches shows by name. Prints the total, the gaps grouped by those two names, and the longest.
 """

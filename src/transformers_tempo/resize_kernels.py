@@ -157,15 +157,17 @@ def _resample(src: torch.Tensor, out_size: int, along_rows: bool, to_uint8: bool
 
 
 def resize_uint8_frames(frames: torch.Tensor, size: tuple[int, int], out: torch.Tensor | None = None) -> torch.Tensor:
-    """(N, C, H, W) uint8 frames, any strides -> (N, C, height, width) uint8, contiguous (into `out`
-    if given; the frames themselves when the size is theirs and `out` is not given): the function
-    of `F.interpolate(frames.float(), size, mode="bicubic", antialias=True)` clamped and rounded,
-    within float rounding."""
+    """(N, C, H, W) uint8 frames, any strides -> (N, C, height, width) uint8: the function of
+    `F.interpolate(frames.float(), size, mode="bicubic", antialias=True)` clamped and rounded, within
+    float rounding. The result is a new contiguous tensor, or `out` (contiguous, uint8, on the frames'
+    device) when given; at the frames' own size and without `out`, the frames themselves."""
     height, width = int(size[0]), int(size[1])
     if triton is None or frames.dtype != torch.uint8 or frames.ndim != 4:
         raise ValueError(f"expected (N, C, H, W) uint8 frames and Triton, got {tuple(frames.shape)} {frames.dtype}")
-    if out is not None and (not out.is_contiguous() or out.shape != (*frames.shape[:2], height, width)):
-        raise ValueError(f"out must be a contiguous {(*frames.shape[:2], height, width)} tensor")
+    expected = (*frames.shape[:2], height, width)
+    if out is not None and (not out.is_contiguous() or out.shape != expected or out.dtype != torch.uint8
+                            or out.device != frames.device):
+        raise ValueError(f"out must be a contiguous uint8 {expected} tensor on {frames.device}")
     change_width, change_height = frames.shape[3] != width, frames.shape[2] != height
     if not change_width and not change_height:
         return frames if out is None else out.copy_(frames)

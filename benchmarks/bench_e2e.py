@@ -168,6 +168,22 @@ def first_difference(a, b) -> int | None:
     return None if a.shape[1] == b.shape[1] else n
 
 
+def eager_logit_margin(model, prepared, position: int) -> tuple[float, torch.Tensor]:
+    """(smallest top-1 minus top-2 logit over the batch, the tokens) at new token `position` of the
+    eager dynamic-cache loop: a margin within bf16 rounding makes two modes' differing greedy
+    tokens a near tie rather than a wrong step."""
+    graphed = model.graphed_decoding
+    model.graphed_decoding = False
+    try:
+        with torch.inference_mode():
+            out = model.generate(decoder_inputs=prepared, max_new_tokens=position + 1, min_new_tokens=position + 1,
+                                 do_sample=False, output_logits=True, return_dict_in_generate=True)
+    finally:
+        model.graphed_decoding = graphed
+    top = out.logits[position].float().topk(2, dim=-1)
+    return float((top.values[:, 0] - top.values[:, 1]).min()), top.indices[:, 0].cpu()
+
+
 # model.graphed_decoding per graphed decode mode (the other modes run transformers' loop)
 GRAPHED_MODES = {
     "graphed": True,
@@ -431,6 +447,14 @@ def run_workload(model, processor, frames_count, args, device):
             for other in ("dynamic", "static", args.decode_modes[0]):
                 if other in answers and other != mode:
                     row[f"same_tokens_{mode}_vs_{other}"] = first_difference(out, answers[other])
+        differing = {row[key] for key in row if key.startswith("same_tokens_") and row[key] is not None}
+        for position in sorted(differing):  # how close to a tie the eager loop is there, and whom it agrees with
+            margin, eager = eager_logit_margin(model, prepared, position)
+            row[f"eager_logit_margin_at_token_{position}"] = margin
+            row[f"eager_agrees_at_token_{position}"] = sorted(
+                mode for mode, out in answers.items()
+                if out.shape[1] > position and torch.equal(out[:, position].cpu(), eager)
+            )
         model.graphed_decoding = True
         set_fused_projections(model, True)
         best = min(answers, key=lambda m: row[f"generate_{m}_s"])

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow  # each runs a benchmark script in a fresh process
 
@@ -81,3 +82,20 @@ def test_trace_gaps_finds_the_idle_gpu_and_names_the_cpu_op(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "busy 0.2 ms, idle 0.5 ms; 1 gaps of >= 20 us sum to 0.5 ms" in out.stdout
     assert "aten::item  |  aten::gelu" in out.stdout
+
+
+def test_eager_logit_margin_is_the_top_two_gap_of_the_plain_decoder(tiny_model, hand_inputs):
+    """bench_e2e's near-tie measure at the first new token equals the gap read off one plain forward."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import bench_e2e
+
+    x = hand_inputs([3]).model_inputs()
+    with torch.inference_mode():
+        prepared = tiny_model.prepare_generation_inputs(**x)
+        logits = tiny_model.plain_decoder()(
+            inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask
+        ).logits[:, -1].float()
+    margin, tokens = bench_e2e.eager_logit_margin(tiny_model, prepared, 0)
+    top = logits.topk(2, dim=-1)
+    assert margin == pytest.approx(float((top.values[:, 0] - top.values[:, 1]).min()), abs=1e-5)
+    assert torch.equal(tokens, top.indices[:, 0])

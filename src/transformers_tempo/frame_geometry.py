@@ -133,31 +133,24 @@ def resize_frames(
     if frames.dtype != torch.uint8 or frames.ndim != 4:
         raise ValueError(f"expected a (N, C, H, W) uint8 tensor, got {tuple(frames.shape)} {frames.dtype}")
     size = (int(size[0]), int(size[1]))
-    if TRITON_RESIZE and triton_resize_applies(frames):
-        if frames.shape[0] <= RESIZE_CHUNK_FRAMES or tuple(frames.shape[-2:]) == size:
-            return resize_uint8_frames(frames, size, out=out)
-        # a chunk at a time, as below: the first pass's float32 rows of a whole clip would take
-        # 4 bytes per (frame, channel, input row, output column), 18 GB for 4096 frames of 1280x720
-        if out is None:
-            out = torch.empty((frames.shape[0], frames.shape[1], *size), dtype=torch.uint8, device=frames.device)
-        for start in range(0, frames.shape[0], RESIZE_CHUNK_FRAMES):
-            resize_uint8_frames(frames[start : start + RESIZE_CHUNK_FRAMES], size,
-                                out=out[start : start + RESIZE_CHUNK_FRAMES])
-        return out
     if tuple(frames.shape[-2:]) == size:
         return frames if out is None else out.copy_(frames)
     if out is None:
         out = torch.empty((frames.shape[0], frames.shape[1], *size), dtype=torch.uint8, device=frames.device)
+    kernels = TRITON_RESIZE and triton_resize_applies(frames)
     native_uint8 = like_pil and frames.device.type == "cpu"
+    # A chunk at a time bounds the scratch memory: float32 copies here, the kernels' float32 rows
+    # (4 bytes per frame, channel, input row and output column: 18 GB for 4096 frames of 1280x720).
     for start in range(0, frames.shape[0], RESIZE_CHUNK_FRAMES):
         chunk = frames[start : start + RESIZE_CHUNK_FRAMES]
-        if native_uint8:
-            out[start : start + chunk.shape[0]] = F.interpolate(
-                chunk, size=size, mode="bicubic", align_corners=False, antialias=True
-            )
+        target = out[start : start + chunk.shape[0]]
+        if kernels:
+            resize_uint8_frames(chunk, size, out=target)
+        elif native_uint8:
+            target.copy_(F.interpolate(chunk, size=size, mode="bicubic", align_corners=False, antialias=True))
         else:
             resized = F.interpolate(chunk.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
-            out[start : start + chunk.shape[0]] = resized.clamp_(0, 255).round_().to(torch.uint8)
+            target.copy_(resized.clamp_(0, 255).round_().to(torch.uint8))
     return out
 
 

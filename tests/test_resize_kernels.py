@@ -119,3 +119,16 @@ def test_the_kernels_on_gpu_equal_the_float_path_for_tempos_chain():
         out = frame_geometry.resize_frames(out, size)
         assert (out.int() - expected.int()).abs().max() <= 1 and (out != expected).float().mean() < 1e-3, size
         expected = out  # each step from the same input
+
+
+@needs_cuda_and_triton
+def test_the_kernels_on_gpu_loop_past_the_unrolled_taps_and_chunk_long_clips():
+    """Shrinking 1280x720 by 18x (over MAX_UNROLLED_TAPS taps: the looped kernel) and a clip longer
+    than one chunk of frames, against the float path."""
+    generator = torch.Generator().manual_seed(2)
+    frames = torch.randint(0, 256, (70, 720, 1280, 3), dtype=torch.uint8, generator=generator).cuda().permute(0, 3, 1, 2)
+    for size in [(40, 71), (360, 640)]:
+        expected = float_path(frames, size)
+        out = frame_geometry.resize_frames(frames, size)
+        assert out.shape == (70, 3, *size)
+        assert (out.int() - expected.int()).abs().max() <= 1 and (out != expected).float().mean() < 1e-3, size

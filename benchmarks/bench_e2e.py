@@ -413,8 +413,15 @@ def stream_frames_to_answer(model, processor, frames, args, device, ahead: bool)
 def time_stream_frames(model, processor, frames, args, device, row: dict, plain_answer) -> None:
     """Best of two frames -> answer runs through `compress_streaming`, serial and overlapped, same run."""
     stream_frames_to_answer(model, processor, frames, args, device, ahead=True)  # warm-up of its shapes
-    for label, ahead in (("serial_", False), ("", True)) * 2:
-        seconds, out = stream_frames_to_answer(model, processor, frames, args, device, ahead)
+    default_switch = sys.getswitchinterval()
+    # the third: the GIL handed between threads every 0.5 ms instead of 5 (does the worker's Python
+    # delay the compressor thread's launches after each of its syncs?)
+    for label, ahead, switch in (("serial_", False, None), ("", True, None), ("short_switch_", True, 5e-4)) * 2:
+        sys.setswitchinterval(switch or default_switch)
+        try:
+            seconds, out = stream_frames_to_answer(model, processor, frames, args, device, ahead)
+        finally:
+            sys.setswitchinterval(default_switch)
         key = f"stream_frames_{label}end_to_end_s"
         row[key] = min(row.get(key, float("inf")), seconds)
         row[f"stream_frames_{label}same_tokens"] = first_difference(out, plain_answer)

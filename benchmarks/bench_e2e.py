@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import trace_gaps  # noqa: E402
 
 from transformers_tempo import TempoConfig, TempoForConditionalGeneration  # noqa: E402
-from transformers_tempo import fast_paths, frame_geometry, split_kv_attention, streaming  # noqa: E402
+from transformers_tempo import fast_paths, frame_geometry, split_kv_attention  # noqa: E402
 from transformers_tempo.fast_paths import TempoDecoderAttention, set_split_decoder_attention  # noqa: E402
 from transformers_tempo.fused_projections import DECODER_GROUPS, fuse_projections, set_fused_projections  # noqa: E402
 from transformers_tempo.graphed_decoding import release_graphed_decoding  # noqa: E402
@@ -388,43 +388,30 @@ def timed_preprocess(model, processor, frames, args, device) -> tuple[dict, floa
     return inputs, now(device) - t0
 
 
-def stream_frames_to_answer(model, processor, frames, args, device, ahead: bool):
-    """(seconds, tokens): frames in memory -> answer through `compress_streaming`, with the next batch's
-    preprocessing beside this batch's compressor (`ahead`) or before it, and the default decoding step."""
-    streaming.PREPROCESS_AHEAD = ahead
-    try:
-        t0 = now(device)
-        streamed = compress_streaming(
-            model, processor, frames, QUESTION, video_metadata={"fps": 2.0},
-            compressor_batch_size=args.compressor_batch_size, max_frames=len(frames),
+def stream_frames_to_answer(model, processor, frames, args, device):
+    """(seconds, tokens): frames in memory -> answer through `compress_streaming` (the patches stay on
+    the GPU, batch by batch) and the default decoding step."""
+    t0 = now(device)
+    streamed = compress_streaming(
+        model, processor, frames, QUESTION, video_metadata={"fps": 2.0},
+        compressor_batch_size=args.compressor_batch_size, max_frames=len(frames),
+    )
+    text = {k: v for k, v in streamed.inputs.items() if k != "segment_times"}
+    with torch.inference_mode():
+        prepared = model.prepare_generation_inputs(**text, compressed=streamed.compressed, visual_token_budget=args.budget)
+        out = model.generate(
+            decoder_inputs=prepared, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
+            cache_implementation="static",
         )
-        text = {k: v for k, v in streamed.inputs.items() if k != "segment_times"}
-        with torch.inference_mode():
-            prepared = model.prepare_generation_inputs(**text, compressed=streamed.compressed, visual_token_budget=args.budget)
-            out = model.generate(
-                decoder_inputs=prepared, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
-                cache_implementation="static",
-            )
-        return now(device) - t0, out
-    finally:
-        streaming.PREPROCESS_AHEAD = None
+    return now(device) - t0, out
 
 
 def time_stream_frames(model, processor, frames, args, device, row: dict, plain_answer) -> None:
-    """Best of two frames -> answer runs through `compress_streaming`, serial and overlapped, same run."""
-    stream_frames_to_answer(model, processor, frames, args, device, ahead=True)  # warm-up of its shapes
-    default_switch = sys.getswitchinterval()
-    # the third: the GIL handed between threads every 0.5 ms instead of 5 (does the worker's Python
-    # delay the compressor thread's launches after each of its syncs?)
-    for label, ahead, switch in (("serial_", False, None), ("", True, None), ("short_switch_", True, 5e-4)) * 2:
-        sys.setswitchinterval(switch or default_switch)
-        try:
-            seconds, out = stream_frames_to_answer(model, processor, frames, args, device, ahead)
-        finally:
-            sys.setswitchinterval(default_switch)
-        key = f"stream_frames_{label}end_to_end_s"
-        row[key] = min(row.get(key, float("inf")), seconds)
-        row[f"stream_frames_{label}same_tokens"] = first_difference(out, plain_answer)
+    """Best of two frames -> answer runs through `compress_streaming`, after a warm-up."""
+    stream_frames_to_answer(model, processor, frames, args, device)
+    runs = [stream_frames_to_answer(model, processor, frames, args, device) for _ in range(2)]
+    row["stream_frames_end_to_end_s"] = min(seconds for seconds, _ in runs)
+    row["stream_frames_same_tokens"] = first_difference(runs[-1][1], plain_answer)
 
 
 def run_workload(model, processor, frames_count, args, device):
@@ -753,8 +740,7 @@ def main(argv=None):
     p.add_argument("--stream", action="store_true",
                    help="also answer the file with compression overlapping decoding (--file-repeats times)")
     p.add_argument("--stream-frames", action="store_true",
-                   help="also time frames in memory -> answer through compress_streaming, with and without "
-                        "the next batch preprocessed beside the compressor")
+                   help="also time frames in memory -> answer through compress_streaming")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--machine", default=None)
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 
@@ -125,7 +124,7 @@ def test_segments_whose_frames_change_after_compression_are_compressed_again(tin
     assert segments.num_segments == 3 and segments.missing == [8, 8, 4]
     segments.frames_written(list(range(8)) + [8, 8, 9])  # a repeated report counts once
     assert segments.ready == {0} and segments.missing[1] == 6
-    segments.compress_batches([[0]])
+    segments.compress([0])
     before = segments.features[0].clone()
     frames[3] = 255  # frame 3 is replaced (a repair at the end of decoding) and reported again
     segments.frames_written([3])
@@ -251,61 +250,3 @@ def test_pending_and_decoded_videos_do_not_mix_in_a_batch(processor):
     frames = torch.zeros(8, 48, 64, 3, dtype=torch.uint8)
     with pytest.raises(ValueError, match="cannot mix PendingVideo"):
         processor(text=["a", "b"], videos=[frames, PendingVideo(8, 2.0, 48, 64)], video_metadata={"fps": 2.0})
-
-
-def test_next_batch_preprocessed_by_the_worker_gives_the_plain_result(tiny_model, processor, monkeypatch):
-    frames = torch.randint(0, 256, (37, 40, 56, 3), dtype=torch.uint8)  # 5 segments, the last odd-length
-    inputs, compressed = plain(tiny_model, processor, frames, video_metadata={"fps": 1.5})
-    threads = []
-    real_preprocess = streaming._Segments._preprocess
-
-    def spy_preprocess(self, segments):
-        threads.append((threading.current_thread().name, list(segments)))
-        return real_preprocess(self, segments)
-
-    monkeypatch.setattr(streaming, "PREPROCESS_AHEAD", True)
-    monkeypatch.setattr(streaming._Segments, "_preprocess", spy_preprocess)
-    streamed = streaming.compress_streaming(
-        tiny_model, processor, frames, QUESTION, video_metadata={"fps": 1.5}, compressor_batch_size=2
-    )
-    assert_same_as_plain(streamed, inputs, compressed)
-    # the two whole batches at the first report, then the last segment at the end of the video
-    assert [segments for _, segments in threads] == [[0, 1], [2, 3], [4]]
-    assert all(name.startswith("tempo-preprocess") for name, _ in threads[:2])
-    assert threads[2][0] == threading.current_thread().name  # a lone batch has nothing to overlap
-
-
-def test_a_failure_in_the_preprocessing_worker_reaches_the_caller(tiny_model, processor, monkeypatch):
-    frames = torch.randint(0, 256, (32, 40, 56, 3), dtype=torch.uint8)
-    real_preprocess = streaming._Segments._preprocess
-
-    def failing_second(self, segments):
-        if segments[0] == 2:
-            raise RuntimeError("no room for the patches")
-        return real_preprocess(self, segments)
-
-    monkeypatch.setattr(streaming, "PREPROCESS_AHEAD", True)
-    monkeypatch.setattr(streaming._Segments, "_preprocess", failing_second)
-    before = threading.active_count()
-    with pytest.raises(RuntimeError, match="no room for the patches"):
-        streaming.compress_streaming(tiny_model, processor, frames, QUESTION, compressor_batch_size=2)
-    assert threading.active_count() == before
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_batches_preprocessed_on_a_side_stream_give_the_serial_result_on_a_gpu(tiny_model, processor):
-    """On a GPU the worker queues its preprocessing on its own stream; the compressor must wait for it
-    (a race would read patches not written yet). Same kernels either way, so the same bits."""
-    gpu_model = copy.deepcopy(tiny_model).cuda()
-    frames = torch.randint(0, 256, (8 * 9, 120, 160, 3), dtype=torch.uint8).pin_memory()  # 9 segments
-    results = {}
-    for ahead in (False, True):
-        streaming.PREPROCESS_AHEAD = ahead
-        try:
-            results[ahead] = streaming.compress_streaming(
-                gpu_model, processor, frames, QUESTION, video_metadata={"fps": 2.0}, compressor_batch_size=2
-            ).compressed
-        finally:
-            streaming.PREPROCESS_AHEAD = None
-    assert torch.equal(results[True].features, results[False].features)
-    assert torch.equal(results[True].relevance_scores, results[False].relevance_scores)

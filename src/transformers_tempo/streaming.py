@@ -19,9 +19,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from transformers.feature_extraction_utils import BatchFeature
@@ -33,11 +32,6 @@ from .video_loading import FramesReady, LoadedVideo, load_video
 
 __all__ = ["StreamedVideo", "compress_streaming", "generate_streaming"]
 
-# When several batches of segments are ready at once (frames given in memory, or the end of a file),
-# preprocess batch k+1 (upload, resize, patch layout) in a worker thread while batch k compresses.
-# None: on GPUs, where the worker has its own CUDA stream and the two overlap on the device; True or
-# False forces it either way (the CPU tests use True to drive the worker path).
-PREPROCESS_AHEAD: bool | None = None
 
 
 @dataclass
@@ -135,8 +129,8 @@ def compress_streaming(
             if state is None:
                 state = _Segments(model, processor, question, event, chunk, per_segment, device)
             state.frames_written(event.slots)
-            ready = sorted(state.ready)
-            state.compress_batches([ready[i : i + chunk] for i in range(0, len(ready) - chunk + 1, chunk)])
+            while len(state.ready) >= chunk:
+                state.compress(sorted(state.ready)[:chunk])
     except BaseException:
         cancelled.set()  # the decoders stop at their next frame
         raise
@@ -173,9 +167,7 @@ class _Segments:
         num_frames, height, width = (int(x) for x in self.frames.shape[:3])
         self.num_frames = num_frames
         pending = PendingVideo(num_frames=num_frames, real_fps=first.real_fps, height=height, width=width)
-        planned = processor(text=question, videos=pending, return_tensors="pt")
-        self.planned_grid = planned["video_grid_thw"]  # on the CPU: each batch is checked without a sync
-        self.inputs = planned.to(device)
+        self.inputs = processor(text=question, videos=pending, return_tensors="pt").to(device)
         self.num_segments = int(self.inputs["video_grid_thw"].shape[0])
         self.missing = [min(per_segment, num_frames - s * per_segment) for s in range(self.num_segments)]
         self.seen: set[int] = set()
@@ -205,52 +197,10 @@ class _Segments:
         """After the last frame: every segment left (and any stale one) is final now."""
         left = sorted(self.ready | self.stale | (set(range(self.num_segments)) - self.done))
         self.recompressed = len(self.stale)
-        self.compress_batches([left[begin : begin + self.chunk] for begin in range(0, len(left), self.chunk)])
+        for begin in range(0, len(left), self.chunk):
+            self.compress(left[begin : begin + self.chunk])
 
-    def compress_batches(self, batches: list[list[int]]) -> None:
-        """Compress each batch of segments, in turn."""
-        for segments, prepared in self._preprocessed(batches):
-            self._compress(segments, *prepared)
-
-    def _preprocessed(self, batches: list[list[int]]) -> Iterator[tuple[list[int], tuple]]:
-        """Each batch with its compressor inputs; the next batch's are made while this one compresses.
-
-        On a GPU the worker thread queues its work on its own stream, and whatever it waits for
-        (a pageable upload, a small index copy) blocks only that thread. The caller's stream waits
-        for the worker's event before it reads the tensors, and records them as in use on its side so
-        the allocator does not hand their memory to the worker's next batch too early.
-        """
-        ahead = PREPROCESS_AHEAD if PREPROCESS_AHEAD is not None else self.device.type == "cuda"
-        if not ahead or len(batches) < 2:
-            for segments in batches:
-                yield segments, self._preprocess(segments)
-            return
-        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-
-        def preprocess_on_side(segments: list[int]):
-            if side is None:
-                return self._preprocess(segments), None
-            with torch.cuda.stream(side):
-                prepared = self._preprocess(segments)
-                done = torch.cuda.Event()
-                done.record(side)
-            return prepared, done
-
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tempo-preprocess") as worker:
-            pending = worker.submit(preprocess_on_side, batches[0])
-            for index, segments in enumerate(batches):
-                prepared, done = pending.result()
-                if index + 1 < len(batches):
-                    pending = worker.submit(preprocess_on_side, batches[index + 1])
-                if done is not None:
-                    compute = torch.cuda.current_stream(self.device)
-                    compute.wait_event(done)
-                    for tensor in prepared:
-                        tensor.record_stream(compute)
-                yield segments, prepared
-
-    def _preprocess(self, segments: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The patches, grid rows and row indices of `segments`, on the compressor's device."""
+    def compress(self, segments: list[int]) -> None:
         vp = self.processor.video_processor
         pixels, grids = [], []
         for first, last in _runs(segments):  # consecutive segments are one slice of the buffer
@@ -263,19 +213,16 @@ class _Segments:
                 dtype=self.model.dtype,
             )
             pixels.append(out["pixel_values_videos"])
-            grids.append(out["video_grid_thw"])
+            grids.append(out["video_grid_thw"].to(self.device))
+        rows = torch.tensor(segments, device=self.device)
         grid = torch.cat(grids)
-        if not torch.equal(grid, self.planned_grid[segments]):  # pragma: no cover - an internal check
+        if not torch.equal(grid, self.inputs["video_grid_thw"][rows]):  # pragma: no cover - an internal check
             raise RuntimeError("segment grids differ from the planned ones; the frames changed size while decoding")
-        rows = torch.tensor(segments).to(self.device)
-        return torch.cat(pixels).to(self.device), grid.to(self.device), rows
-
-    def _compress(self, segments: list[int], pixels: torch.Tensor, grid: torch.Tensor, rows: torch.Tensor) -> None:
         with torch.inference_mode():
             out = self.model.compress(
                 self.inputs["compressor_input_ids"][rows],
                 self.inputs["compressor_attention_mask"][rows],
-                pixel_values_videos=pixels,
+                pixel_values_videos=torch.cat(pixels).to(self.device),
                 video_grid_thw=grid,
                 compressor_batch_size=len(segments),
             )

@@ -283,6 +283,15 @@ def test_a_compile_mode_that_captures_graphs_itself_is_refused(cpu_stepper, mode
         stepper._warm_up(saved)
 
 
+@pytest.mark.parametrize("extra", [{}, {"return_dict_in_generate": True}])
+def test_a_graphed_decoding_setting_that_means_nothing_fails_at_generate_on_any_device(tiny_model, hand_inputs, extra):
+    """Also where no step would be captured (the CPU, a cache asked back): a typo is not ignored."""
+    model = copy.deepcopy(tiny_model)
+    model.graphed_decoding = "eagre"
+    with pytest.raises(ValueError, match="graphed_decoding='eagre'"), torch.no_grad():
+        model.generate(**hand_inputs([2]).model_inputs(), **GREEDY, max_new_tokens=2, **extra)
+
+
 def test_new_batch_sizes_and_cache_lengths_recompile_the_step_once(cpu_stepper, monkeypatch):
     """`tempo batch` meets a new batch size at every odd-sized last batch: it must not compile each time."""
     from test_fast_paths import counting_backend

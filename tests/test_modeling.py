@@ -463,47 +463,66 @@ def test_decoding_runs_through_a_plain_qwen3_view_that_shares_weights(tiny_model
     assert torch.equal(ours, torch.cat(expected, dim=1))
 
 
-def test_static_cache_length_is_bucketed():
+def test_static_cache_length_is_bucketed_and_never_shrinks():
+    from transformers import Qwen3Config, StaticCache
+
     bucket = generation_tempo.STATIC_CACHE_BUCKET
     config = GenerationConfig(max_new_tokens=32)
 
-    def sized(prompt_length, text_length=0, **kwargs):
+    class Decoder:  # what size_static_cache reads of the decoder: its config and its __dict__
+        def __init__(self):
+            self.config = Qwen3Config(num_hidden_layers=1, hidden_size=8, num_attention_heads=2, num_key_value_heads=1)
+
+    def sized(prompt_length, decoder=None, **kwargs):
         kwargs.setdefault("generation_config", config)
-        generation_tempo.bucketed_static_cache_length(kwargs, GenerationConfig(), prompt_length, text_length)
-        return kwargs.get("max_cache_len")
+        generation_tempo.size_static_cache(decoder or Decoder(), kwargs, GenerationConfig(), prompt_length)
+        cache = kwargs.get("cache")
+        if not isinstance(cache, StaticCache):
+            return None
+        assert kwargs["cache_implementation"] is None  # transformers refuses a cache with an implementation
+        return cache.get_max_length()
 
     assert sized(8287, cache_implementation="static") == 9 * bucket  # 8319 slots needed
     assert sized(8287, cache_implementation="static", max_new_tokens=1) == 9 * bucket  # 8288
     assert sized(bucket - 32, cache_implementation="static") == bucket  # exactly full
     assert sized(bucket - 31, cache_implementation="static") == 2 * bucket
-    # with the text prompt handed along, transformers asks for spliced + text + new tokens
-    assert sized(bucket - 132, 100, cache_implementation="static") == bucket  # 892 + 100 + 32 = 1024
-    assert sized(bucket - 131, 100, cache_implementation="static") == 2 * bucket
-    assert sized(bucket - 32, bucket - 32, cache_implementation="static") == bucket  # text only: equal lengths
-    assert sized(100, cache_implementation="static", max_cache_len=5000) == 5000  # the caller's choice
+    assert sized(100, cache_implementation="static", max_cache_len=5000) == 5000  # the caller's floor
     assert sized(100) is None  # dynamic cache: nothing to size
-    assert sized(100, generation_config=GenerationConfig(cache_implementation="static", max_cache_len=3000)) is None
+    assert sized(100, generation_config=GenerationConfig(cache_implementation="static", max_cache_len=3000, max_new_tokens=8)) == 3000
+    assert sized(100, generation_config=GenerationConfig(cache_implementation="static")) is None  # no max_new_tokens: transformers sizes it
     assert sized(100, generation_config=GenerationConfig(cache_implementation="static", max_new_tokens=8)) == bucket
+    mine = StaticCache(config=Decoder().config, max_cache_len=77)
+    kwargs = {"cache": mine, "cache_implementation": "static", "generation_config": config}
+    generation_tempo.size_static_cache(Decoder(), kwargs, GenerationConfig(), 100)
+    assert kwargs["cache"] is mine and kwargs["cache_implementation"] == "static"  # the caller's cache: untouched
+    decoder = Decoder()  # a long video, then a short one: the cache keeps the longer length
+    assert sized(3 * bucket, decoder, cache_implementation="static") == 4 * bucket
+    assert sized(100, decoder, cache_implementation="static") == 4 * bucket
 
 
-def test_static_cache_generate_uses_a_bucketed_cache_and_same_tokens(tiny_model, hand_inputs):
+@pytest.mark.parametrize("with_input_ids", [True, False])
+def test_static_cache_generate_sizes_the_cache_to_the_spliced_prompt_and_gives_the_same_tokens(
+    tiny_model, hand_inputs, monkeypatch, with_input_ids
+):
+    """`generate(**inputs)` hands transformers the text ids along with the spliced embeddings; the
+    cache is sized to the embeddings and the new tokens alone, as without the ids."""
     from transformers import Qwen3ForCausalLM
 
+    monkeypatch.setattr(generation_tempo, "STATIC_CACHE_BUCKET", 16)
+    model = copy.deepcopy(tiny_model)
+    model.plain_decoder().__dict__.pop(generation_tempo._LAST_CACHE_SLOTS, None)  # forget earlier tests' lengths
     inputs = hand_inputs([3, 2]).model_inputs()
-    gen = dict(max_new_tokens=4, do_sample=False, eos_token_id=None)
-    sizes = []
-    original = Qwen3ForCausalLM._prepare_static_cache
-
-    def spy(self, *args, **kwargs):
-        sizes.append(kwargs["max_cache_len"])
-        return original(self, *args, **kwargs)
-
+    gen = dict(max_new_tokens=4, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
     with torch.no_grad():
-        dynamic = tiny_model.generate(**inputs, **gen)
-        with mock.patch.object(Qwen3ForCausalLM, "_prepare_static_cache", spy):
-            static = tiny_model.generate(**inputs, cache_implementation="static", **gen)
-    assert sizes == [generation_tempo.STATIC_CACHE_BUCKET]
-    assert torch.equal(static, dynamic)
+        prepared = model.prepare_generation_inputs(**inputs)
+        call = inputs if with_input_ids else {"decoder_inputs": prepared}
+        dynamic = model.generate(**call, **gen)
+        spliced = prepared.inputs_embeds.shape[1]
+        assert spliced > inputs["input_ids"].shape[1]
+        with mock.patch.object(Qwen3ForCausalLM, "_prepare_static_cache", side_effect=AssertionError("sized by transformers")):
+            static = model.generate(**call, cache_implementation="static", **gen)
+    assert static.cache.get_max_length() == -(-(spliced + 4) // 16) * 16
+    assert torch.equal(static.sequences, dynamic.sequences)
 
 
 def test_enable_compiled_inference_compiles_compressor_and_decoder_and_selects_static_cache(tiny_model, monkeypatch):

@@ -48,6 +48,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
 from .fused_projections import fused_products_in_trace
+from .generation_tempo import is_callers_cache
 
 __all__ = [
     "STOP_CHECK_EVERY",
@@ -69,8 +70,12 @@ _ATTENTIONS_WITH_BOOL_MASKS = ("sdpa", "tempo_decode_sdpa")
 def wants_graphed_decoding(decoder, generation_config, kwargs: dict) -> bool:
     """Whether `TempoForConditionalGeneration.generate` should hand `graphed_greedy_search` to
     transformers: a CUDA decoder with a static cache, greedy search, no custom loop or assistant
-    of the caller's. (The loop itself checks the rest and falls back to `_sample`.)"""
-    if decoder.device.type != "cuda" or not getattr(decoder, "graphed_decoding", True):
+    of the caller's. (The loop itself checks the rest and falls back to `_sample`.) A setting of
+    `graphed_decoding` that means nothing fails here, on any device, before decoding starts."""
+    mode = getattr(decoder, "graphed_decoding", True)
+    if mode not in (False, "eager"):
+        _compile_mode(mode)
+    if decoder.device.type != "cuda" or not mode:
         return False
     if any(kwargs.get(name) is not None for name in ("custom_generate", "assistant_model", "streamer")):
         return False
@@ -105,7 +110,7 @@ def graphed_greedy_search(
     new_tokens = max_length - input_ids.shape[1]
     # A cache the caller gave (already filled) or asks back is the caller's: decode in it, keep nothing.
     cache = model_kwargs["cache"]
-    asked_back = generation_config.return_dict_in_generate or getattr(cache, "_is_user_defined", False)
+    asked_back = generation_config.return_dict_in_generate or is_callers_cache(cache)
     keep = not (asked_back or cache.is_initialized)
     with _kept_stepper(model, model_kwargs, input_ids.shape[0], eos, keep) as stepper:
         outputs = model._prefill(input_ids, generation_config, model_kwargs)

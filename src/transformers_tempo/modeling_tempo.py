@@ -32,10 +32,10 @@ from .fast_paths import (
 )
 from .fused_projections import DECODER_GROUPS, fuse_projections
 from .generation_tempo import (
-    bucketed_static_cache_length,
     decode_attention_while_generating,
     reject_prompt_positions,
     resolve_ata_options,
+    size_static_cache,
 )
 from .graphed_decoding import graphed_greedy_search, release_stale_graphed_decoding, wants_graphed_decoding
 from .token_allocation import ATA_OPTION_NAMES, ata_for_samples, select_tokens
@@ -984,14 +984,11 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
                     compressor_batch_size=compressor_batch_size,
                     video_features=video_features,
                 )
-        text_length = input_ids.shape[1] if input_ids is not None else 0
-        bucketed_static_cache_length(
-            kwargs, self.generation_config, decoder_inputs.inputs_embeds.shape[1], text_length
-        )
+        decoder = self.plain_decoder()
+        size_static_cache(decoder, kwargs, self.generation_config, decoder_inputs.inputs_embeds.shape[1])
         if input_ids is not None:
             # The text prompt leads the returned sequences; the decoder reads the spliced embeddings.
             kwargs["input_ids"] = input_ids.to(decoder_inputs.inputs_embeds.device)
-        decoder = self.plain_decoder()
         if wants_graphed_decoding(decoder, self.generation_config, kwargs):
             kwargs["custom_generate"] = graphed_greedy_search
         else:
@@ -1013,7 +1010,7 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
         checkpoint, no extra memory, so call it once the model is on its device), and decode with a
         static cache. On CUDA, greedy decoding then replays the compiled step as one CUDA graph
         (`graphed_decoding`); elsewhere transformers keeps the step eager. The first calls pay the
-        compilation; the cache length is bucketed (`bucketed_static_cache_length`) so later videos
+        compilation; the cache length is bucketed (`size_static_cache`) so later videos
         reuse it. Measured on one H200 at 1024 frames: compressor 1.00 s compiled; prefill 0.13 s;
         decoding 244-252 tokens/s. Same function; greedy tokens can differ only by kernel rounding."""
         self.model.compile_compressor(**compile_kwargs)

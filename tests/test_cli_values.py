@@ -154,8 +154,14 @@ def test_model_value_errors(tiny_model, hand_inputs):
     with pytest.raises(ValueError, match="inputs_embeds cannot be given with visual inputs"):
         tiny_model.generate(**video, inputs_embeds=torch.zeros(1, 3, 48), max_new_tokens=1)
     no_grid = {k: v for k, v in video.items() if k != "video_grid_thw"}
-    with pytest.raises(ValueError, match="pixel values were given without their grid_thw"):
+    with pytest.raises(ValueError, match="2 compressor rows hold video placeholders, but video_grid_thw was not given"):
         tiny_model(**no_grid)
+    no_pixels = {k: v for k, v in video.items() if k not in ("pixel_values_videos", "video_grid_thw")}
+    with pytest.raises(ValueError, match="but pixel_values_videos and video_grid_thw were not given"):
+        tiny_model(**no_pixels)  # not silently compressed as text
+    no_image = {k: v for k, v in image.items() if k != "pixel_values"}
+    with pytest.raises(ValueError, match="1 compressor rows hold image placeholders, but pixel_values was not given"):
+        tiny_model(**no_image)
     with pytest.raises(ValueError, match="1 visual grids for 2 compressor rows"):
         tiny_model(**{**video, "video_grid_thw": video["video_grid_thw"][:1]})
     short = video["compressor_input_ids"].clone()

@@ -360,17 +360,22 @@ class TempoModel(TempoPreTrainedModel):
                 f"video_features cover {len(video_features)} segments but the compressor rows hold "
                 f"{int(is_video.sum())} video segments"
             )
-        for kind_mask, pixels, grid in (
-            (is_video, pixel_values_videos, video_grid_thw),
-            (is_image, pixel_values, image_grid_thw),
-            (~(is_video | is_image), None, None),
+        for kind_mask, pixels, grid, kind in (
+            (is_video, pixel_values_videos, video_grid_thw, "video"),
+            (is_image, pixel_values, image_grid_thw, "image"),
+            (~(is_video | is_image), None, None, None),
         ):
             rows = kind_mask.nonzero().flatten()
             if rows.numel() == 0:
                 continue
             given = video_features if kind_mask is is_video else None
-            if pixels is not None and grid is None and given is None:
-                raise ValueError("pixel values were given without their grid_thw")
+            if kind is not None and given is None and (pixels is None or grid is None):
+                names = {"video": ("pixel_values_videos", "video_grid_thw"), "image": ("pixel_values", "image_grid_thw")}[kind]
+                missing = [name for name, value in zip(names, (pixels, grid)) if value is None]
+                raise ValueError(
+                    f"{rows.numel()} compressor rows hold {kind} placeholders, but {' and '.join(missing)} "
+                    f"{'was' if len(missing) == 1 else 'were'} not given"
+                )
             if grid is not None and grid.shape[0] != rows.numel():
                 raise ValueError(
                     f"{grid.shape[0]} visual grids for {rows.numel()} compressor rows that hold that kind of input"

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -7,6 +9,19 @@ from transformers_tempo.testing_utils import build_tiny_model, build_tiny_tokeni
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def demo_cache_of_its_own(tmp_path_factory):
+    """The `tempo` command's demo model and video go to a folder of the test session's, never to the
+    user's ~/.cache (and every session starts without them, as on a fresh machine)."""
+    previous = os.environ.get("TEMPO_CACHE")
+    os.environ["TEMPO_CACHE"] = str(tmp_path_factory.mktemp("tempo-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("TEMPO_CACHE", None)
+    else:
+        os.environ["TEMPO_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -74,6 +74,7 @@ def test_resize_frames_gives_the_kernels_a_chunk_of_frames_at_a_time(monkeypatch
     assert calls == [2, 2, 1]
 
 
+@pytest.mark.slow  # a subprocess running the kernels in Triton's interpreter
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (its CPU interpreter)")
 def test_the_kernels_in_tritons_interpreter_equal_the_float_path():
     """Shrinking, enlarging, one axis only, channels-last input, into `out`, and the float pass alone."""

@@ -187,7 +187,9 @@ def test_a_failure_while_compressing_stops_the_decoders(tiny_model, processor, c
             outcome["frames"] += len(event.slots)
             if outcome["frames"] == 8:
                 failed.wait(timeout=60)
-                time.sleep(0.5)  # the caller's thread marks the stream cancelled as the error passes
+                for _ in range(600):  # until the caller's thread, as the error passes, cancels the stream
+                    on_frames(FramesReady(event.frames, [], event.real_fps))  # raises _Cancelled then
+                    time.sleep(0.05)
 
         try:
             return real_load(video, on_frames=report, **kwargs)

@@ -6,7 +6,7 @@ decoder), then resized by a kernel in which every output pixel reads its whole w
 input pixels when 1280x720 becomes 512x288), then clamped, rounded and cast back. Measured on one
 H200 for 1024 frames of 1280x720: 41 ms in that resize kernel and about 30 ms in the conversions
 around it; these passes take 27 ms, and preprocessing took 0.124 s against 0.139 s in the same run
-(`benchmarks/results/`, session 11: the frames' upload now sets its pace).
+(`benchmarks/results/README.md`; the frames' upload now sets its pace).
 
 Here the resize is what it is mathematically, two one-dimensional passes: the first reads the
 uint8 frames in whatever layout they have and resamples each row (float32 out), the second
@@ -162,8 +162,10 @@ def resize_uint8_frames(frames: torch.Tensor, size: tuple[int, int], out: torch.
     float rounding. The result is a new contiguous tensor, or `out` (contiguous, uint8, on the frames'
     device) when given; at the frames' own size and without `out`, the frames themselves."""
     height, width = int(size[0]), int(size[1])
-    if triton is None or frames.dtype != torch.uint8 or frames.ndim != 4:
-        raise ValueError(f"expected (N, C, H, W) uint8 frames and Triton, got {tuple(frames.shape)} {frames.dtype}")
+    if triton is None:
+        raise RuntimeError("resize_uint8_frames needs Triton, which is not installed")
+    if frames.dtype != torch.uint8 or frames.ndim != 4:
+        raise ValueError(f"frames must be an (N, C, H, W) uint8 tensor, got {tuple(frames.shape)} {frames.dtype}")
     expected = (*frames.shape[:2], height, width)
     if out is not None and (not out.is_contiguous() or out.shape != expected or out.dtype != torch.uint8
                             or out.device != frames.device):

@@ -256,8 +256,9 @@ def generate_streaming(
     **generate_kwargs,
 ):
     """`processor(text=question, videos=video)` + `model.generate(...)`, with the compressor working
-    while the file decodes. Takes `generate`'s keyword arguments (ATA options included) and
-    returns what it returns; `load_options` go to `load_video` (`fps`, `max_frames`, `num_workers`...).
+    while the file decodes. Takes `generate`'s keyword arguments (ATA options included) and returns
+    what `generate(decoder_inputs=...)` returns: the new tokens only, one row (no prompt ids lead
+    them). `load_options` go to `load_video` (`fps`, `max_frames`, `num_workers`...).
     """
     streamed = compress_streaming(
         model, processor, video, question, compressor_batch_size=compressor_batch_size, **(load_options or {})

@@ -160,8 +160,8 @@ def upload_and_resize(
     """(T, H, W, 3) uint8 frames -> (T, 3, h, w) uint8 on `device`, resized through `sizes` in turn.
 
     The same function as moving all frames, then `resize_frames` for each size, done `chunk` frames
-    at a time; on CUDA the copies run on a side stream so the next chunk's copy overlaps this
-    chunk's resizing.
+    at a time; pinned frames going to CUDA are copied on a side stream, so the next chunk's copy
+    overlaps this chunk's resizing.
     """
     device = torch.device(device)
     num_frames = frames.shape[0]

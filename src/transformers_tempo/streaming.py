@@ -86,6 +86,7 @@ def compress_streaming(
         compressor_batch_size: segments per compressor call (default: the model config's). The
             compressor starts once this many segments are decoded and always takes this many
             (the last call excepted), so compiled code keeps seeing one batch size.
+        video_metadata: for frames given directly, their rate (`{"fps": ...}`), as `load_video` takes it.
         load_options: `fps`, `min_frames`, `max_frames`, `num_workers`, `num_threads` of
             `load_video` (default: the video processor's sampling).
 

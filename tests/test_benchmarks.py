@@ -27,7 +27,7 @@ def test_bench_e2e_tiny_with_a_file_answered_plain_and_streamed(tmp_path):
     out = tmp_path / "results"
     run(
         "bench_e2e.py", "--tiny", "--frames", "16", "--long-video-minutes", "0.25", "--stream", "--stream-frames",
-        "--compressor-batch-size", "1", "--decode-modes", "static", "--out", str(out), "--commit", "test", cwd=tmp_path,
+        "--user-idiom", "--compressor-batch-size", "1", "--decode-modes", "static", "--out", str(out), "--commit", "test", cwd=tmp_path,
     )
     (result,) = out.glob("e2e-tiny-*.json")
     results = json.loads(result.read_text())
@@ -37,6 +37,8 @@ def test_bench_e2e_tiny_with_a_file_answered_plain_and_streamed(tmp_path):
     assert 0 < row["time_to_first_token_s"] <= row["end_to_end_s"]
     # frames in memory through compress_streaming, two one-segment batches: the plain path's tokens
     assert row["stream_frames_end_to_end_s"] > 0 and row["stream_frames_same_tokens"] is None
+    # processor + generate(**inputs): the same new tokens as the decoder_inputs path
+    assert row["user_idiom_end_to_end_s"] > 0 and row["user_idiom_same_tokens"] is None
     (file_row,) = results["files"]
     assert file_row["frames"] == 40  # 15 s asked, whole 10 s clips written: 20 s at 2 fps
     (streamed,) = file_row["stream"]

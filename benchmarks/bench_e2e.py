@@ -39,7 +39,7 @@ from transformers_tempo.fused_projections import DECODER_GROUPS, fuse_projection
 from transformers_tempo.graphed_decoding import release_graphed_decoding  # noqa: E402
 from transformers_tempo.modeling_tempo import compiled_decoder_modules  # noqa: E402
 from transformers_tempo.processing_tempo import TempoProcessor  # noqa: E402
-from transformers_tempo.streaming import compress_streaming  # noqa: E402
+from transformers_tempo.streaming import compress_streaming, generate_streaming  # noqa: E402
 from transformers_tempo.testing_utils import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 from transformers_tempo.video_loading import load_video  # noqa: E402
 from transformers_tempo.video_processing_tempo import TempoVideoProcessor  # noqa: E402
@@ -389,25 +389,20 @@ def timed_preprocess(model, processor, frames, args, device) -> tuple[dict, floa
 
 
 def stream_frames_to_answer(model, processor, frames, args, device):
-    """(seconds, tokens): frames in memory -> answer through `compress_streaming` (the patches stay on
+    """(seconds, tokens): frames in memory -> answer through `generate_streaming` (the patches stay on
     the GPU, batch by batch) and the default decoding step."""
     t0 = now(device)
-    streamed = compress_streaming(
-        model, processor, frames, QUESTION, video_metadata={"fps": 2.0},
-        compressor_batch_size=args.compressor_batch_size, max_frames=len(frames),
+    out = generate_streaming(
+        model, processor, frames, QUESTION, compressor_batch_size=args.compressor_batch_size,
+        load_options={"video_metadata": {"fps": 2.0}, "max_frames": len(frames)},
+        visual_token_budget=args.budget, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
+        cache_implementation="static",
     )
-    text = {k: v for k, v in streamed.inputs.items() if k != "segment_times"}
-    with torch.inference_mode():
-        prepared = model.prepare_generation_inputs(**text, compressed=streamed.compressed, visual_token_budget=args.budget)
-        out = model.generate(
-            decoder_inputs=prepared, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
-            cache_implementation="static",
-        )
     return now(device) - t0, out
 
 
 def time_stream_frames(model, processor, frames, args, device, row: dict, plain_answer) -> None:
-    """Best of two frames -> answer runs through `compress_streaming`, after a warm-up."""
+    """Best of two frames -> answer runs through `generate_streaming`, after a warm-up."""
     stream_frames_to_answer(model, processor, frames, args, device)
     runs = [stream_frames_to_answer(model, processor, frames, args, device) for _ in range(2)]
     row["stream_frames_end_to_end_s"] = min(seconds for seconds, _ in runs)
@@ -765,7 +760,7 @@ def main(argv=None):
     p.add_argument("--user-idiom", action="store_true",
                    help="also time processor(...) + model.generate(**inputs) from frames in memory, with its peak")
     p.add_argument("--stream-frames", action="store_true",
-                   help="also time frames in memory -> answer through compress_streaming")
+                   help="also time frames in memory -> answer through generate_streaming")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--machine", default=None)
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")

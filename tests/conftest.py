@@ -1,5 +1,3 @@
-import os
-
 import pytest
 import torch
 
@@ -15,13 +13,9 @@ def tokenizer():
 def demo_cache_of_its_own(tmp_path_factory):
     """The `tempo` command's demo model and video go to a folder of the test session's, never to the
     user's ~/.cache (and every session starts without them, as on a fresh machine)."""
-    previous = os.environ.get("TEMPO_CACHE")
-    os.environ["TEMPO_CACHE"] = str(tmp_path_factory.mktemp("tempo-cache"))
-    yield
-    if previous is None:
-        os.environ.pop("TEMPO_CACHE", None)
-    else:
-        os.environ["TEMPO_CACHE"] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TEMPO_CACHE", str(tmp_path_factory.mktemp("tempo-cache")))
+        yield
 
 
 @pytest.fixture(scope="session")

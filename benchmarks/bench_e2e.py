@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import trace_gaps  # noqa: E402
 
 from transformers_tempo import TempoConfig, TempoForConditionalGeneration  # noqa: E402
-from transformers_tempo import fast_paths, frame_geometry, split_kv_attention  # noqa: E402
+from transformers_tempo import fast_paths, frame_geometry, gemv_kernels, split_kv_attention  # noqa: E402
 from transformers_tempo.fast_paths import TempoDecoderAttention, set_split_decoder_attention  # noqa: E402
-from transformers_tempo.fused_projections import DECODER_GROUPS, fuse_projections, set_fused_projections  # noqa: E402
+from transformers_tempo.fused_projections import fuse_decoder_projections, set_fused_projections  # noqa: E402
 from transformers_tempo.graphed_decoding import release_graphed_decoding  # noqa: E402
 from transformers_tempo.modeling_tempo import compiled_decoder_modules  # noqa: E402
 from transformers_tempo.processing_tempo import TempoProcessor  # noqa: E402
@@ -187,6 +187,7 @@ def eager_logit_margin(model, prepared, position: int) -> tuple[float, torch.Ten
 # model.graphed_decoding per graphed decode mode (the other modes run transformers' loop)
 GRAPHED_MODES = {
     "graphed": True,
+    "graphed-cublas": True,  # the same step with cuBLAS's products instead of the matrix-vector kernel
     "graphed-autotune": "max-autotune-no-cudagraphs",
     "graphed-autotune-sdpa": "max-autotune-no-cudagraphs",  # attention by sdpa, not the split-KV kernel
     "graphed-eager": "eager",
@@ -334,6 +335,7 @@ def run_decode_mode(model, prepared, device, mode: str, args, row: dict, answers
     model.graphed_decoding = GRAPHED_MODES.get(mode, False)
     set_fused_projections(model, mode != "graphed-unfused")
     fast_paths.SPLIT_KV_DECODING = not mode.endswith("-sdpa")
+    gemv_kernels.USE_KERNEL = mode != "graphed-cublas"
     release_graphed_decoding(model.plain_decoder())  # a graph kept from another mode would replay it
     # timed without a streamer: it would sync every step (and switch the graphed loop off)
     try:  # warm-up with the same shapes (the static cache's length follows max_new_tokens)
@@ -483,7 +485,7 @@ def run_workload(model, processor, frames_count, args, device):
         for mode in args.decode_modes:
             with uncompiled_decoder(model, mode in UNCOMPILED_DECODER_MODES):
                 run_decode_mode(model, prepared, device, mode, args, row, answers)
-        fast_paths.SPLIT_KV_DECODING = True
+        fast_paths.SPLIT_KV_DECODING = gemv_kernels.USE_KERNEL = True
         # greedy tokens against the eager (dynamic) and compiled (static) loops and the first mode
         for mode, out in answers.items():
             for other in ("dynamic", "static", args.decode_modes[0]):
@@ -720,7 +722,7 @@ def main(argv=None):
     p.add_argument("--long-answer", type=int, default=None, metavar="TOKENS",
                    help="with a graphed decode mode: also time an answer of this many tokens")
     p.add_argument("--decode-modes", nargs="+", default=["dynamic"], choices=["dynamic", "static", *GRAPHED_MODES],
-                   help="KV cache for decoding: 'static' is transformers' compiled loop; 'graphed' replays one CUDA graph of the compiled step ('graphed-autotune': compiled with max-autotune), 'graphed-eager' of the eager kernels, 'graphed-unfused' the same without fused projections")
+                   help="KV cache for decoding: 'static' is transformers' compiled loop; 'graphed' replays one CUDA graph of the compiled step ('graphed-autotune': compiled with max-autotune), 'graphed-eager' of the eager kernels, 'graphed-unfused' the same without fused projections, 'graphed-cublas' the compiled step with cuBLAS's products instead of the matrix-vector kernel")
     p.add_argument("--split-kv-programs", type=int, default=None, metavar="N",
                    help="split_kv_attention.TARGET_PROGRAMS for the split-KV decoding attention")
     p.add_argument("--compare-resize", action="store_true",
@@ -786,7 +788,7 @@ def main(argv=None):
         if args.compressor_compile_mode:
             options["mode"] = args.compressor_compile_mode
         model.model.compile_compressor(**options)
-        fuse_projections(model.model.language_model, DECODER_GROUPS)  # as enable_compiled_inference does
+        fuse_decoder_projections(model.model.language_model)  # as enable_compiled_inference does
         if args.compile_decoder:
             model.model.compile_decoder()
         t0 = time.perf_counter()

@@ -1,5 +1,5 @@
 """Fused projections (`fused_projections.fuse_projections`): one matmul for the decoder's q/k/v and
-gate/up, the same function, the same parameters and checkpoint, and a plain fallback where the
+gate/up (and o and down as groups of one, for the matrix-vector kernel), the same function, the same parameters and checkpoint, and a plain fallback where the
 fused product must not run (gradients, a moved or replaced weight)."""
 
 import contextlib
@@ -10,8 +10,10 @@ import torch
 from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from transformers_tempo import fused_projections
 from transformers_tempo.fused_projections import (
     DECODER_GROUPS,
+    fuse_decoder_projections,
     fuse_projections,
     fused_member,
     fused_products_in_trace,
@@ -263,7 +265,8 @@ def test_enable_compiled_inference_fuses_the_decoder_only(tiny_model, monkeypatc
     model = copy.deepcopy(tiny_model).enable_compiled_inference()
     fused = [name for name, m in model.named_modules() if "forward" in vars(m)]
     layers = model.config.text_config.num_hidden_layers
-    assert len(fused) == 5 * layers and all(name.startswith("model.language_model.") for name in fused)
+    # q/k/v and gate/up fused, o and down as groups of one (the matrix-vector kernel on CUDA)
+    assert len(fused) == 7 * layers and all(name.startswith("model.language_model.") for name in fused)
     inputs = hand_inputs([2, 1]).model_inputs()
     expected = tiny_model.generate(**inputs, do_sample=False, max_new_tokens=5, cache_implementation="static")
     assert torch.equal(model.generate(**inputs, do_sample=False, max_new_tokens=5), expected)
@@ -283,3 +286,25 @@ def test_set_fused_projections_switches_every_group(decoder, monkeypatch):
         on = fused(ids).logits
     assert len(unfused_products) == len(products) + 3 * 2  # per layer: q/k/v 3 -> 1, gate/up 2 -> 1
     torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-5)
+
+
+def test_o_and_down_become_groups_of_one_on_their_own_weights(decoder, monkeypatch):
+    fused = copy.deepcopy(decoder)
+    o_proj = fused.model.layers[0].self_attn.o_proj
+    weight = o_proj.weight
+    assert fuse_decoder_projections(fused) == 4 * decoder.config.num_hidden_layers
+    assert o_proj.weight is weight and fused_member(o_proj).group.weight.data_ptr() == weight.data_ptr()
+    assert fused_member(fused.model.layers[1].mlp.down_proj) is not None
+    assert list(fused.state_dict()) == list(decoder.state_dict())
+    products = []
+
+    def recording_gemv(x, w):
+        products.append(tuple(w.shape))
+        return torch.nn.functional.linear(x, w)
+
+    monkeypatch.setattr(fused_projections, "gemv", recording_gemv)
+    ids = torch.randint(0, 101, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, decoder(ids).logits, rtol=1e-5, atol=1e-5)
+    # every projection of every layer through the groups' product: q/k/v, o, gate/up, down
+    assert products == [(64 + 32 + 32, 64), (64, 64), (2 * 96, 64), (64, 96)] * 2

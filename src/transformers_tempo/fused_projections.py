@@ -17,6 +17,11 @@ inside `fused_products_in_trace` (graphed decoding's compiled step): there the t
 per group (`_FusedGroup.traced_output`). With gradients enabled, or once a weight no longer lies in
 the shared buffer (after `.to()` or a replaced parameter), every projection falls back to its own
 `nn.Linear.forward`.
+
+Every group's product, and that of the decoder's other projections (o and down, groups of one,
+`DECODER_SINGLE_PRODUCTS`), goes through `gemv`: at one input row, on CUDA, a Triton
+matrix-vector kernel that reads the weights faster than cuBLAS (see `gemv_kernels`); otherwise
+`F.linear`.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import threading
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from .gemv_kernels import gemv
 
 
 class _FusedGroup:
@@ -39,12 +45,15 @@ class _FusedGroup:
 
     def __init__(self, members: list[nn.Linear]):
         self.members = members
-        self.weight = torch.cat([member.weight.detach() for member in members])
         self.sizes = [member.out_features for member in members]
-        start = 0
-        for member, size in zip(members, self.sizes):
-            member.weight = nn.Parameter(self.weight[start : start + size], requires_grad=member.weight.requires_grad)
-            start += size
+        if len(members) == 1:  # nothing to fuse: the product reads the layer's own weight
+            self.weight = members[0].weight.detach()
+        else:
+            self.weight = torch.cat([member.weight.detach() for member in members])
+            start = 0
+            for member, size in zip(members, self.sizes):
+                member.weight = nn.Parameter(self.weight[start : start + size], requires_grad=member.weight.requires_grad)
+                start += size
         self.parameters = [member.weight for member in members]
         self.pointers = [member.weight.data_ptr() for member in members]
         self.pending: dict[int, tuple[torch.Tensor, list]] = {}  # thread -> (input, slices not yet taken)
@@ -77,7 +86,7 @@ class _FusedGroup:
         thread = threading.get_ident()
         entry = self.pending.get(thread)
         if entry is None or entry[0] is not hidden_states or entry[1][index] is None:
-            entry = (hidden_states, list(F.linear(hidden_states, self.weight).split(self.sizes, dim=-1)))
+            entry = (hidden_states, list(gemv(hidden_states, self.weight).split(self.sizes, dim=-1)))
             self.pending[thread] = entry
         output, entry[1][index] = entry[1][index], None
         if all(taken is None for taken in entry[1]):
@@ -89,7 +98,7 @@ class _FusedGroup:
         does not merge three identical products), held in `traced` only while the trace runs
         through the group's members; the last member clears it, so no tensor outlives the call."""
         if self.traced is None or self.traced[0] is not hidden_states:
-            self.traced = (hidden_states, F.linear(hidden_states, self.weight).split(self.sizes, dim=-1))
+            self.traced = (hidden_states, gemv(hidden_states, self.weight).split(self.sizes, dim=-1))
         output = self.traced[1][index]
         if index == len(self.sizes) - 1:
             self.traced = None
@@ -217,3 +226,15 @@ DECODER_GROUPS = {
     "TempoDecoderAttention": ("q_proj", "k_proj", "v_proj"),  # the same after `compile_decoder`
     "Qwen3MLP": ("gate_proj", "up_proj"),
 }
+# The decoder's other projections: groups of one, for the matrix-vector kernel at batch 1.
+DECODER_SINGLE_PRODUCTS = {
+    "Qwen3Attention": ("o_proj",),
+    "TempoDecoderAttention": ("o_proj",),
+    "Qwen3MLP": ("down_proj",),
+}
+
+
+def fuse_decoder_projections(decoder: nn.Module) -> int:
+    """`fuse_projections` of the decoder's q/k/v and gate/up, and its o and down projections as
+    groups of one (`enable_compiled_inference` calls it). Returns the number of groups made."""
+    return fuse_projections(decoder, DECODER_GROUPS) + fuse_projections(decoder, DECODER_SINGLE_PRODUCTS)

@@ -1,0 +1,109 @@
+"""Matrix-vector products of one decoding step: cuBLAS (`F.linear`) against Triton row-block kernels.
+
+At batch 1 each decoder product reads its weight once; the H200's memory (about 4.8 TB/s) sets the
+floor. A profile of the graphed step showed the four products per layer at about 3.2 TB/s. This
+times each Tempo-6B decoder shape (fused q/k/v, o, fused gate/up, down, and the head) for
+36 distinct weights (one per layer, so the 50 MB L2 cache holds none of them between calls),
+replayed from a CUDA graph, and reports microseconds per product and the bytes read per second.
+
+    python benchmarks/bench_gemv.py --out benchmarks/results/gemv-h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, "src")
+from transformers_tempo.gemv_kernels import gemv, launch_gemv  # noqa: E402
+
+SHAPES = {  # name: (out_features, in_features) of the Tempo-6B decoder (Qwen3-4B)
+    "qkv": (6144, 2560),
+    "o": (2560, 4096),
+    "gate_up": (19456, 2560),
+    "down": (2560, 9728),
+    "head": (151936, 2560),
+}
+CONFIGS = [
+    dict(block_n=bn, block_k=bk, num_warps=w, num_stages=s)
+    for bn, bk, w, s in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (1, 3))
+    if bn * bk <= 8192
+]
+
+
+def time_graph(fn, repeats: int = 20) -> float:
+    """Milliseconds per replay of a CUDA graph of `fn`, best of `repeats`."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end))
+    return best
+
+
+def bench_shape(name: str, n: int, k: int, layers: int, configs: list[dict]) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) / k**0.5 for _ in range(layers)]
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+    megabytes = n * k * 2 / 1e6
+
+    def row(ms: float) -> dict:
+        us = ms * 1000 / layers
+        return {"us": round(us, 2), "tb_per_s": round(megabytes / us, 3)}
+
+    expected = F.linear(x.float(), weights[0].float())
+    result = {"shape": [n, k], "megabytes": round(megabytes, 1), "layers": layers}
+    result["cublas"] = row(time_graph(lambda: [F.linear(x, w) for w in weights]))
+    # Inductor's own kernel for the product, as the autotuned decoding step compiles it.
+    inductor = torch.compile(F.linear, mode="max-autotune-no-cudagraphs", dynamic=False)
+    result["inductor_autotune"] = row(time_graph(lambda: [inductor(x, w) for w in weights]))
+    triton_rows = []
+    for config in configs:
+        got = launch_gemv(x, weights[0], out, **config).float()
+        error = ((got - expected).abs().max() / expected.abs().max()).item()
+        ms = time_graph(lambda: [launch_gemv(x, w, out, **config) for w in weights])
+        triton_rows.append({**config, **row(ms), "rel_error": round(error, 5)})
+    triton_rows.sort(key=lambda r: r["us"])
+    result["triton_best"] = triton_rows[:5]
+    result["triton_default"] = row(time_graph(lambda: [gemv(x, w) for w in weights]))  # kernel_settings
+    print(f"{name:8s} {megabytes:7.1f} MB  cublas {result['cublas']['us']:7.2f} us "
+          f"({result['cublas']['tb_per_s']:.2f} TB/s)  inductor {result['inductor_autotune']}  triton best {triton_rows[0]['us']:7.2f} us "
+          f"({triton_rows[0]['tb_per_s']:.2f} TB/s) {triton_rows[0]}  default {result['triton_default']}", flush=True)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=["gate_up", "down", "qkv", "o", "head"])
+    p.add_argument("--out", default=None)
+    p.add_argument("--commit", default="")
+    args = p.parse_args()
+    report = {"machine": torch.cuda.get_device_name(), "commit": args.commit, "shapes": {}}
+    for name in args.shapes:
+        n, k = SHAPES[name]
+        layers = 4 if name == "head" else 36
+        report["shapes"][name] = bench_shape(name, n, k, layers, CONFIGS)
+        if args.out:  # after each shape, so a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

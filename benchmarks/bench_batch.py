@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import itertools
 import json
 import platform
 import subprocess
@@ -34,7 +35,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
 from bench_e2e import build  # noqa: E402  (the same real-size random model and processor)
-from transformers_tempo.cli.batch_job import BatchSettings, run  # noqa: E402
+from transformers_tempo.cli.batch_job import BatchSettings, default_decode_workers, run  # noqa: E402
 from transformers_tempo.synthetic import write_long_video  # noqa: E402
 
 QUESTIONS = [
@@ -82,6 +83,8 @@ def main(argv=None):
     p.add_argument("--video-fps", type=int, default=24)
     p.add_argument("--video-dir", default=None, help="where the videos are written (default: a folder in /tmp)")
     p.add_argument("--batch-size", type=int, nargs="+", default=[1], help="one run per batch size, one model")
+    p.add_argument("--decode-workers", type=int, nargs="+", default=[None],
+                   help="videos decoded at once (default: tempo batch's choice); one run per value and batch size")
     p.add_argument("--budget", type=int, default=None, help="visual token budget (default: the model's)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--attn", default="sdpa")
@@ -116,14 +119,18 @@ def main(argv=None):
         return pipeline("video-question-answering", model=model, processor=processor, device=device)
 
     runs = []
-    for batch_size in args.batch_size:
-        settings = BatchSettings(visual_token_budget=args.budget, max_new_tokens=args.max_new_tokens, batch_size=batch_size)
+    for batch_size, workers in itertools.product(args.batch_size, args.decode_workers):
+        settings = BatchSettings(
+            visual_token_budget=args.budget, max_new_tokens=args.max_new_tokens, batch_size=batch_size,
+            decode_workers=workers,
+        )
         if args.warmup:  # the same code on the first videos, untimed: compilation and first-call costs
             answer_items(items[: args.warmup], video_dir / f"warmup-bs{batch_size}", load, settings, state)
         timed = answer_items(items, video_dir / f"run-bs{batch_size}", load, settings, state)
         if timed is not None:
-            runs.append({"batch_size": batch_size, **timed})
-            print(json.dumps({"batch_size": batch_size, "videos_per_s": timed["videos_per_s"]}), flush=True)
+            decoders = workers or default_decode_workers(settings.decode_backend)
+            runs.append({"batch_size": batch_size, "decode_workers": decoders, **timed})
+            print(json.dumps({"batch_size": batch_size, "decode_workers": decoders, "videos_per_s": timed["videos_per_s"]}), flush=True)
     if not state.is_main_process:
         return None
 

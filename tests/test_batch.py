@@ -382,6 +382,7 @@ def test_bad_command_lines_exit_2(tmp_path, capsys):
     base = ["batch", "--input", str(source), "--output", str(tmp_path / "out.jsonl")]
     for extra, message in (
         (["--batch-size", "0"], "--batch-size must be a positive integer"),
+        (["--decode-workers", "0"], "--decode-workers must be a positive integer, got 0"),
         (["--device-map", "{not json"], "--device-map: expected one of auto"),
         (["--device", "cpu", "--device-map", "auto"], "give --device or --device-map, not both"),
     ):
@@ -560,6 +561,76 @@ def test_next_batch_is_decoded_while_the_model_answers(video_dir, tmp_path, monk
     assert events.index(("decode", "long.mp4")) < first_answer_end  # batch 2 decoded during batch 1's call
 
 
+@pytest.mark.parametrize("workers,decoded_by_first_answer", [(1, 1 + 2), (3, 1 + 3)])
+def test_videos_are_decoded_several_at_once_and_at_most_ahead(video_dir, tmp_path, monkeypatch, workers, decoded_by_first_answer):
+    """`decode_workers` videos are decoded at the same time, never more than `ahead` (2 x batch
+    size, at least the workers) beyond the batch being answered, and the answers keep input order."""
+    import types
+
+    from transformers_tempo import video_loading
+
+    lock, running, most, started = threading.Lock(), [0], [0], []
+
+    def slow_load(path, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            started.append(os.path.basename(path))
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+        return types.SimpleNamespace(frames=torch.zeros(2, 2, 2, 3, dtype=torch.uint8), path=path, kwargs=kwargs)
+
+    class Model:
+        device = "cpu"
+        processor = types.SimpleNamespace(video_processor=types.SimpleNamespace(longest_edge=512))
+        decoded_before_first_answer = None
+
+        def __call__(self, video, question, batch_size, **call):
+            if self.decoded_before_first_answer is None:  # the workers run ahead meanwhile, up to `ahead`
+                deadline = time.monotonic() + 10
+                while len(started) < decoded_by_first_answer and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                time.sleep(0.5)  # time enough for one more decode, were it allowed
+                with lock:
+                    self.decoded_before_first_answer = len(started)
+            return [{"answer": os.path.basename(v.path), "timings": {}} for v in video]
+
+    monkeypatch.setattr(video_loading, "load_video", slow_load)
+    names = [f"v{i}.mp4" for i in range(6)]
+    items = [{"id": str(i), "video": name, "question": "q"} for i, name in enumerate(names)]
+    model, out = Model(), tmp_path / "answers.jsonl"
+    writer = LineWriter(out)
+    counts = answer_items(model, items, writer, BatchSettings(base_dir=video_dir, batch_size=1, decode_workers=workers))
+    writer.close()
+    assert counts == {"answered": 6, "failed": 0}
+    assert [r["answer"] for r in read_records(out)] == names
+    assert most[0] == workers and sorted(started) == names
+    assert model.decoded_before_first_answer == decoded_by_first_answer  # the batch answered + ahead
+
+
+def test_decoding_threads_share_the_cores_between_the_videos_decoded_at_once(monkeypatch):
+    from transformers_tempo.cli import batch_job
+
+    vqa = types_namespace(device="cpu", processor=None)
+    monkeypatch.setattr(batch_job, "cpu_count", lambda: 16)
+    decoder = batch_job.VideoDecoder(vqa, [], BatchSettings())
+    assert (decoder.workers, decoder.load_options["num_threads"], decoder.ahead) == (8, 2, 8)
+    decoder.close()
+    decoder = batch_job.VideoDecoder(vqa, [], BatchSettings(decode_workers=1, batch_size=4))
+    assert (decoder.workers, decoder.load_options["num_threads"], decoder.ahead) == (1, None, 8)
+    decoder.close()
+    decoder = batch_job.VideoDecoder(vqa, [], BatchSettings(decode_backend="nvdec"))
+    assert decoder.workers == 1  # one GPU decoder
+    decoder.close()
+
+
+def types_namespace(**fields):
+    import types
+
+    return types.SimpleNamespace(**fields)
+
+
 # ------------------------------------------------------------------------------- (e) one decode per video
 def interleaved_items():
     """3 videos x 3 questions, the videos interleaved: a1 b1 c1 a2 b2 c2 a3 b3 c3."""
@@ -639,7 +710,7 @@ def test_a_bad_video_is_tried_once_for_all_its_items(vqa, video_dir, tmp_path, d
     ]
     summary = run(items, tmp_path / "answers.jsonl", lambda: vqa, settings_for(video_dir))
     assert summary["answered"] == 1 and summary["failed"] == 2
-    assert decodes == ["corrupt.mp4", "short.mp4"]
+    assert sorted(decodes) == ["corrupt.mp4", "short.mp4"]  # decoded at once: either may start first
     lines = read_jsonl(tmp_path / "answers.jsonl")
     assert lines[0]["error"] == lines[2]["error"] and lines[0]["error"].startswith(f"{video_dir / 'corrupt.mp4'}: ")
 

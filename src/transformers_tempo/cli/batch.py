@@ -65,6 +65,8 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="path or Hub id of converted Tempo weights (default: tiny demo model)")
     p.add_argument("--batch-size", type=int, default=1, help="videos per model call (default 1)")
     p.add_argument("--retry-errors", action="store_true", help="answer again the items whose line is an error")
+    p.add_argument("--decode-workers", type=int, default=None,
+                   help="videos decoded at once, ahead of the model (default: the cores, at most 8; 1 with NVDEC)")
     p.add_argument("--reference", action="store_true", help=REFERENCE_HELP)
     add_answer_options(p)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (one process; accelerate picks it otherwise)")
@@ -150,6 +152,7 @@ def run_batch(args) -> int:
         retry_errors=args.retry_errors,
         base_dir=Path(args.input).resolve().parent,
         decode_backend=args.decode_backend,
+        decode_workers=args.decode_workers,
     )
     progress = sys.stderr.isatty() and not args.json
     summary = run(

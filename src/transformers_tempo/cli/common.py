@@ -129,7 +129,7 @@ def parse_device_map(text: str | None):
 
 def check_numbers(args) -> None:
     """The numeric options shared by ask, demo and batch."""
-    positive_ints = ("budget", "max_frames", "max_new_tokens", "batch_size")
+    positive_ints = ("budget", "max_frames", "max_new_tokens", "batch_size", "decode_workers")
     for name in positive_ints:
         value = getattr(args, name, None)
         if value is not None and value < 1:

@@ -3,7 +3,7 @@
 At batch 1 each decoder product reads its weight once; the H200's memory (about 4.8 TB/s) sets the
 floor. A profile of the graphed step showed the four products per layer at about 3.2 TB/s. This
 times each Tempo-6B decoder shape (fused q/k/v, o, fused gate/up, down, and the head) for
-36 distinct weights (one per layer, so the 50 MB L2 cache holds none of them between calls),
+36 distinct weights (one per layer, so the GPU's L2 cache holds none of them between calls),
 replayed from a CUDA graph, and reports microseconds per product and the bytes read per second.
 
     python benchmarks/bench_gemv.py --out benchmarks/results/gemv-h200.json
@@ -16,10 +16,12 @@ import itertools
 import json
 import sys
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, "src")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from transformers_tempo.gemv_kernels import gemv, launch_gemv  # noqa: E402
 
 SHAPES = {  # name: (out_features, in_features) of the Tempo-6B decoder (Qwen3-4B)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -528,8 +529,6 @@ def test_device_maps_over_two_gpus_give_the_single_gpu_outputs(model_dir, model_
 
 def test_next_batch_is_decoded_while_the_model_answers(video_dir, tmp_path, monkeypatch):
     """Decoding (CPU) of batch i+1 overlaps the model call (GPU) of batch i, and order is kept."""
-    import types
-
     from transformers_tempo import video_loading
 
     events = []
@@ -565,17 +564,19 @@ def test_next_batch_is_decoded_while_the_model_answers(video_dir, tmp_path, monk
 def test_videos_are_decoded_several_at_once_and_at_most_ahead(video_dir, tmp_path, monkeypatch, workers, decoded_by_first_answer):
     """`decode_workers` videos are decoded at the same time, never more than `ahead` (2 x batch
     size, at least the workers) beyond the batch being answered, and the answers keep input order."""
-    import types
-
     from transformers_tempo import video_loading
 
     lock, running, most, started = threading.Lock(), [0], [0], []
+    together = threading.Barrier(workers, timeout=10)  # the first loads wait for each other: broken if serial
 
     def slow_load(path, **kwargs):
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])
             started.append(os.path.basename(path))
+            first = len(started) <= workers
+        if first:
+            together.wait()
         time.sleep(0.2)
         with lock:
             running[0] -= 1
@@ -610,25 +611,25 @@ def test_videos_are_decoded_several_at_once_and_at_most_ahead(video_dir, tmp_pat
 
 
 def test_decoding_threads_share_the_cores_between_the_videos_decoded_at_once(monkeypatch):
+    from transformers_tempo import video_decoding
     from transformers_tempo.cli import batch_job
 
-    vqa = types_namespace(device="cpu", processor=None)
-    monkeypatch.setattr(batch_job, "cpu_count", lambda: 16)
-    decoder = batch_job.VideoDecoder(vqa, [], BatchSettings())
-    assert (decoder.workers, decoder.load_options["num_threads"], decoder.ahead) == (8, 2, 8)
-    decoder.close()
-    decoder = batch_job.VideoDecoder(vqa, [], BatchSettings(decode_workers=1, batch_size=4))
-    assert (decoder.workers, decoder.load_options["num_threads"], decoder.ahead) == (1, None, 8)
-    decoder.close()
-    decoder = batch_job.VideoDecoder(vqa, [], BatchSettings(decode_backend="nvdec"))
-    assert decoder.workers == 1  # one GPU decoder
-    decoder.close()
+    vqa = types.SimpleNamespace(device="cpu", processor=None)
+    monkeypatch.setattr(video_decoding, "_cpu_count", lambda: 16)
 
+    def decoder_settings(**settings):
+        decoder = batch_job.VideoDecoder(vqa, [], BatchSettings(**settings))
+        decoder.close()
+        options = decoder.load_options
+        return decoder.workers, options.get("num_threads"), options.get("num_workers"), decoder.ahead
 
-def types_namespace(**fields):
-    import types
-
-    return types.SimpleNamespace(**fields)
+    # (videos at once, FFmpeg threads and ranges of a long file per video, videos decoded ahead)
+    assert decoder_settings() == (8, 2, 1, 8)
+    assert decoder_settings(decode_workers=2, batch_size=4) == (2, 8, 4, 8)
+    assert decoder_settings(decode_workers=1) == (1, None, None, 2)  # load_video's own choices
+    assert decoder_settings(decode_backend="nvdec")[0] == 1  # one GPU decoder
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four processes on this machine: 4 cores each
+    assert decoder_settings()[:3] == (4, 1, 2)
 
 
 # ------------------------------------------------------------------------------- (e) one decode per video

@@ -15,6 +15,8 @@ of at most 4096 rows (few programs: short row blocks, long tiles) and for wider 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -29,8 +31,8 @@ USE_KERNEL = True  # off: `gemv` is F.linear (`bench_e2e.py`'s "graphed-cublas" 
 
 
 def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the kernel can compute `F.linear(x, weight)`: one input row, CUDA, half precision,
-    contiguous rows, no gradients."""
+    """Whether the kernel can compute `F.linear(x, weight)`: one input row, CUDA, both on one
+    device, half precision, contiguous rows, fewer than 2**31 weight elements, no gradients."""
     return (
         USE_KERNEL
         and triton is not None
@@ -39,7 +41,9 @@ def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype in (torch.bfloat16, torch.float16)
         and weight.dtype == x.dtype
         and weight.dim() == 2
+        and weight.device == x.device
         and weight.shape[1] == x.shape[-1]
+        and weight.shape[0] * weight.stride(0) < 2**31  # the kernel's offsets are 32-bit
         and weight.stride(1) == 1
         and x.stride(-1) == 1
         and not (x.requires_grad or weight.requires_grad)
@@ -58,7 +62,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def _gemv_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The kernel as a custom op, so that torch.compile calls it as it is (and a CUDA graph
     captures its launch). Check `gemv_applies` first."""
-    return launch_gemv(x.contiguous(), weight, None, *kernel_settings(weight.shape[0]))
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton launches on the current GPU
+        return launch_gemv(x.contiguous(), weight)
 
 
 @_gemv_op.register_fake
@@ -71,10 +76,16 @@ def kernel_settings(rows: int) -> tuple[int, int, int, int]:
     return (4, 1024, 4, 3) if rows <= 4096 else (8, 256, 4, 3)
 
 
-def launch_gemv(x, weight, out=None, block_n=8, block_k=256, num_warps=4, num_stages=3) -> torch.Tensor:
-    """The kernel itself, without `gemv_applies`' checks (Triton's CPU interpreter runs it on CPU
-    tensors in the tests); `out` may be given, of shape (..., out_features)."""
+def launch_gemv(x, weight, out=None, block_n=None, block_k=None, num_warps=None, num_stages=None) -> torch.Tensor:
+    """The kernel itself on the current device, without `gemv_applies`' checks (Triton's CPU
+    interpreter runs it on CPU tensors in the tests); `out` may be given, of shape
+    (..., out_features). Settings not given are `kernel_settings`'."""
     n, k = weight.shape
+    defaults = kernel_settings(n)
+    block_n, block_k, num_warps, num_stages = (
+        given if given is not None else default
+        for given, default in zip((block_n, block_k, num_warps, num_stages), defaults)
+    )
     if out is None:
         out = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(n, block_n),)

@@ -1011,8 +1011,8 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
     def enable_compiled_inference(self, **compile_kwargs):
         """Compile the compressor layers and the decoder's norms, MLPs and attention element-wise
         steps (`TempoModel.compile_compressor`, `TempoModel.compile_decoder`), fuse the decoder's
-        q/k/v and gate/up projections into one matmul each and take a matrix-vector kernel for the
-        decoding step's products on CUDA (`fuse_decoder_projections`; same weights and checkpoint,
+        q/k/v and gate/up projections into one matmul each and give graphed decoding's step a
+        matrix-vector kernel for its products at batch 1 on CUDA (`fuse_decoder_projections`; same weights and checkpoint,
         no extra memory, so call it once the model is on its device), and decode with a static
         cache. On CUDA, greedy decoding then replays the compiled step as one CUDA graph
         (`graphed_decoding`); elsewhere transformers keeps the step eager. The first calls pay the

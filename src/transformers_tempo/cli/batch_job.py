@@ -261,7 +261,9 @@ class VideoDecoder:
     decoded again when its next item comes.
 
     `workers` threads decode the videos in the order the batches need them, at most `ahead` videos
-    beyond those held; the model answers meanwhile (PyAV releases the GIL). Why several at once: a
+    (twice the batch size, at least `workers`) beyond those held and the batch being answered; the
+    model answers meanwhile (PyAV releases the GIL). A video let go and needed again is decoded
+    when its item comes. Why several at once: a
     short video does not keep FFmpeg's threads busy. With fifty 30 s 640x360 H.264 videos sampled
     to 60 frames each, decoding one at a time held this job to 3.6 videos/s on a 16-core H200
     machine (decoding 13-18 s of its 14-19 s). Decoding alone on 2 cores: 3.1 videos/s one at a
@@ -278,9 +280,12 @@ class VideoDecoder:
             "resize_backend": getattr(video_processor, "resize_backend", "torch"),
             "pin_memory": str(getattr(vqa, "device", "cpu")).startswith("cuda"),  # page-locked frames upload fast
             "backend": settings.decode_backend,
-            # FFmpeg threads per video: the cores shared out (None: FFmpeg's own choice, for one video)
-            "num_threads": max(1, cpu_count() // self.workers) if self.workers > 1 else None,
         }
+        if self.workers > 1:  # the cores and the ranges of long files shared out between the videos
+            from ..video_decoding import MAX_WORKERS
+
+            self.load_options["num_threads"] = max(1, cores_of_this_process() // self.workers)
+            self.load_options["num_workers"] = max(1, MAX_WORKERS // self.workers)
         self.base_dir, self.max_held_bytes = settings.base_dir, settings.max_held_bytes
         self.ahead = max(2 * settings.batch_size, self.workers)
         self.wanted = deque((self.key(item, options), item, options) for batch in batches for item, options in batch)
@@ -318,6 +323,8 @@ class VideoDecoder:
         return loaded, failed
 
     def close(self) -> None:
+        """Drop the decodes not started; wait for those running (after Ctrl-C too: FFmpeg's
+        decoding cannot be interrupted from Python)."""
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     def _start_ahead(self) -> None:
@@ -348,13 +355,20 @@ class VideoDecoder:
 
 
 def default_decode_workers(backend: str) -> int:
-    """Videos decoded at once: up to 8 on the CPU, one per machine's GPU decoder (NVDEC)."""
-    return 1 if backend == "nvdec" else max(1, min(8, cpu_count()))
+    """Videos decoded at once: with NVDEC one (the GPU's decoder); else one per core of this
+    process's share (`cores_of_this_process`), at most `MAX_WORKERS`."""
+    from ..video_decoding import MAX_WORKERS
+
+    return 1 if backend == "nvdec" else min(MAX_WORKERS, cores_of_this_process())
 
 
-def cpu_count() -> int:
-    """CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def cores_of_this_process() -> int:
+    """This process's share of the cores: processes launched together on one machine (accelerate
+    sets LOCAL_WORLD_SIZE) split them."""
+    from ..video_decoding import _cpu_count
+
+    processes_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, _cpu_count() // processes_here)
 
 
 def answer_items(vqa, items: list[dict], writer: LineWriter, settings: BatchSettings, progress: bool = False) -> dict:

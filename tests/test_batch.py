@@ -610,6 +610,34 @@ def test_videos_are_decoded_several_at_once_and_at_most_ahead(video_dir, tmp_pat
     assert model.decoded_before_first_answer == decoded_by_first_answer  # the batch answered + ahead
 
 
+def test_a_video_let_go_is_decoded_ahead_again_before_its_next_item(tmp_path, monkeypatch):
+    """Items a b a c c a with room for one decoded video: `a` is held when its third item first
+    comes into view, then let go for `c`; its decode for that item starts ahead, not when reached."""
+    from transformers_tempo.cli import batch_job
+
+    loads = []
+
+    def load(self, item, options):
+        loads.append(item["video"])
+        return types.SimpleNamespace(frames=torch.zeros(10, dtype=torch.uint8)), 0.01
+
+    monkeypatch.setattr(batch_job.VideoDecoder, "_load", load)
+    names = ["a", "b", "a", "c", "c", "a"]
+    batches = [[({"video": name}, {"fps": None, "max_frames": None})] for name in names]
+    settings = BatchSettings(base_dir=tmp_path, batch_size=1, decode_workers=2, max_held_bytes=10)
+    decoder = batch_job.VideoDecoder(types.SimpleNamespace(device="cpu", processor=None), batches, settings)
+    ahead_after = []
+    try:
+        for batch in batches:
+            loaded, failed = decoder.decode(batch)
+            assert failed == [] and [item["video"] for item, _, _ in loaded] == [batch[0][0]["video"]]
+            ahead_after.append(sorted(os.path.basename(key[0]) for key in decoder.pending))
+    finally:
+        decoder.close()
+    assert ahead_after == [["b", "c"], ["c"], ["c"], ["a"], ["a"], []]
+    assert sorted(loads) == ["a", "a", "b", "c"]  # a again for its third item, c once for both
+
+
 def test_decoding_threads_share_the_cores_between_the_videos_decoded_at_once(monkeypatch):
     from transformers_tempo import video_decoding
     from transformers_tempo.cli import batch_job

@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,9 @@ from ..atomic_files import atomic_file
 from .common import UsageError
 
 REQUIRED_KEYS = ("id", "video", "question")
+# How far `VideoDecoder` looks for videos to decode ahead: this many items per video it may decode
+# ahead (questions about videos already held or being decoded are passed over).
+LOOKAHEAD_ITEMS = 8
 # Per-item keys that override the command line for that item, and the pipeline option each sets.
 ITEM_OPTIONS = {
     "budget": "visual_token_budget",
@@ -263,7 +266,7 @@ class VideoDecoder:
     `workers` threads decode the videos in the order the batches need them, at most `ahead` videos
     (twice the batch size, at least `workers`) beyond those held and the batch being answered; the
     model answers meanwhile (PyAV releases the GIL). A video let go and needed again is decoded
-    when its item comes. Why several at once: a
+    ahead again. Why several at once: a
     short video does not keep FFmpeg's threads busy. With fifty 30 s 640x360 H.264 videos sampled
     to 60 frames each, decoding one at a time held this job to 3.6 videos/s on a 16-core H200
     machine (decoding 13-18 s of its 14-19 s). Decoding alone on 2 cores: 3.1 videos/s one at a
@@ -288,7 +291,8 @@ class VideoDecoder:
             self.load_options["num_workers"] = max(1, MAX_WORKERS // self.workers)
         self.base_dir, self.max_held_bytes = settings.base_dir, settings.max_held_bytes
         self.ahead = max(2 * settings.batch_size, self.workers)
-        self.wanted = deque((self.key(item, options), item, options) for batch in batches for item, options in batch)
+        self.wanted = [(self.key(item, options), item, options) for batch in batches for item, options in batch]
+        self.next_wanted = 0  # index in `wanted` of the next item `decode` hands out
         self.items_left = Counter(key for key, _, _ in self.wanted)
         self.held = OrderedDict()  # key -> (LoadedVideo or error message, bytes)
         self.pending = {}  # key -> Future of (LoadedVideo or error message, decode seconds)
@@ -319,6 +323,7 @@ class VideoDecoder:
                 failed.append((item, video))
             else:
                 loaded.append((item, video, seconds))
+            self.next_wanted += 1
         self._start_ahead()
         return loaded, failed
 
@@ -328,8 +333,12 @@ class VideoDecoder:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     def _start_ahead(self) -> None:
-        while self.wanted and len(self.pending) < self.ahead:
-            key, item, options = self.wanted.popleft()
+        """Start decoding the next items' videos that are neither held nor being decoded (again,
+        for one let go since), up to `ahead` of them, looking `LOOKAHEAD_ITEMS` items ahead."""
+        window = self.wanted[self.next_wanted : self.next_wanted + LOOKAHEAD_ITEMS * self.ahead]
+        for key, item, options in window:
+            if len(self.pending) >= self.ahead:
+                return
             if key not in self.held and key not in self.pending:
                 self.pending[key] = self.pool.submit(self._load, item, options)
 

@@ -110,61 +110,54 @@ def time_graph(fn, repeats: int = 20) -> float:
     return best
 
 
-def bench_shape(name: str, n: int, k: int, layers: int, configs: list[dict]) -> dict:
-    gen = torch.Generator(device="cuda").manual_seed(0)
+def setup(n: int, k: int, rows: int, layers: int, seed: int):
+    """`layers` distinct (n, k) bf16 weights, an input of `rows` rows, an output buffer, the float32
+    product with the first weight, and `per_product(ms)`: a graph's milliseconds as us and TB/s."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) / k**0.5 for _ in range(layers)]
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-    out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    out = torch.empty(rows, n, device="cuda", dtype=torch.bfloat16)
     megabytes = n * k * 2 / 1e6
 
-    def row(ms: float) -> dict:
+    def per_product(ms: float) -> dict:
         us = ms * 1000 / layers
         return {"us": round(us, 2), "tb_per_s": round(megabytes / us, 3)}
 
-    expected = F.linear(x.float(), weights[0].float())
-    result = {"shape": [n, k], "megabytes": round(megabytes, 1), "layers": layers}
-    result["cublas"] = row(time_graph(lambda: [F.linear(x, w) for w in weights]))
+    return weights, x, out, F.linear(x.float(), weights[0].float()), per_product
+
+
+def sweep(kernel, configs, weights, x, out, expected, per_product) -> list[dict]:
+    """Each setting of `kernel(x, weight, out, **setting)`: its time and error, fastest first."""
+    rows = []
+    for config in configs:
+        got = kernel(x, weights[0], out, **config).float()
+        error = ((got - expected).abs().max() / expected.abs().max()).item()
+        ms = time_graph(lambda: [kernel(x, w, out, **config) for w in weights])
+        rows.append({**config, **per_product(ms), "rel_error": round(error, 5)})
+    return sorted(rows, key=lambda r: r["us"])
+
+
+def bench_shape(name: str, n: int, k: int, layers: int, configs: list[dict]) -> dict:
+    weights, x, out, expected, per_product = setup(n, k, 1, layers, seed=0)
+    result = {"shape": [n, k], "megabytes": round(n * k * 2 / 1e6, 1), "layers": layers}
+    result["cublas"] = per_product(time_graph(lambda: [F.linear(x, w) for w in weights]))
     # Inductor's own kernel for the product, as the autotuned decoding step compiles it.
     inductor = torch.compile(F.linear, mode="max-autotune-no-cudagraphs", dynamic=False)
-    result["inductor_autotune"] = row(time_graph(lambda: [inductor(x, w) for w in weights]))
-    triton_rows = []
-    for config in configs:
-        got = launch_gemv(x, weights[0], out, **config).float()
-        error = ((got - expected).abs().max() / expected.abs().max()).item()
-        ms = time_graph(lambda: [launch_gemv(x, w, out, **config) for w in weights])
-        triton_rows.append({**config, **row(ms), "rel_error": round(error, 5)})
-    triton_rows.sort(key=lambda r: r["us"])
+    result["inductor_autotune"] = per_product(time_graph(lambda: [inductor(x, w) for w in weights]))
+    triton_rows = sweep(launch_gemv, configs, weights, x, out, expected, per_product)
     result["triton_best"] = triton_rows[:5]
-    result["triton_default"] = row(time_graph(lambda: [gemv(x, w) for w in weights]))  # kernel_settings
-    print(f"{name:8s} {megabytes:7.1f} MB  cublas {result['cublas']['us']:7.2f} us "
-          f"({result['cublas']['tb_per_s']:.2f} TB/s)  inductor {result['inductor_autotune']}  triton best {triton_rows[0]['us']:7.2f} us "
-          f"({triton_rows[0]['tb_per_s']:.2f} TB/s) {triton_rows[0]}  default {result['triton_default']}", flush=True)
+    result["triton_default"] = per_product(time_graph(lambda: [gemv(x, w) for w in weights]))  # kernel_settings
+    print(f"{name:8s} {result['megabytes']:7.1f} MB  cublas {result['cublas']}  inductor {result['inductor_autotune']}  "
+          f"triton best {triton_rows[0]}  default {result['triton_default']}", flush=True)
     return result
 
 
 def bench_rows(name: str, n: int, k: int, rows: int, layers: int) -> dict:
     """cuBLAS against the skinny candidate for `rows` input rows (batched decoding)."""
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) / k**0.5 for _ in range(layers)]
-    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-    out = torch.empty(rows, n, device="cuda", dtype=torch.bfloat16)
-    megabytes = n * k * 2 / 1e6
-    expected = F.linear(x.float(), weights[0].float())
-
-    def row(ms: float) -> dict:
-        us = ms * 1000 / layers
-        return {"us": round(us, 2), "tb_per_s": round(megabytes / us, 3)}
-
-    result = {"rows": rows, "cublas": row(time_graph(lambda: [F.linear(x, w) for w in weights]))}
-    candidates = []
-    for config in ROWS_CONFIGS:
-        got = skinny_linear(x, weights[0], out, **config).float()
-        error = ((got - expected).abs().max() / expected.abs().max()).item()
-        ms = time_graph(lambda: [skinny_linear(x, w, out, **config) for w in weights])
-        candidates.append({**config, **row(ms), "rel_error": round(error, 5)})
-    candidates.sort(key=lambda r: r["us"])
-    result["skinny_best"] = candidates[:3]
-    print(f"{name:8s} rows {rows}: cublas {result['cublas']}  skinny best {candidates[0]}", flush=True)
+    weights, x, out, expected, per_product = setup(n, k, rows, layers, seed=1)
+    result = {"rows": rows, "cublas": per_product(time_graph(lambda: [F.linear(x, w) for w in weights]))}
+    result["skinny_best"] = sweep(skinny_linear, ROWS_CONFIGS, weights, x, out, expected, per_product)[:3]
+    print(f"{name:8s} rows {rows}: cublas {result['cublas']}  skinny best {result['skinny_best'][0]}", flush=True)
     return result
 
 

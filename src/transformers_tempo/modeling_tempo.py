@@ -1012,12 +1012,12 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
         """Compile the compressor layers and the decoder's norms, MLPs and attention element-wise
         steps (`TempoModel.compile_compressor`, `TempoModel.compile_decoder`), fuse the decoder's
         q/k/v and gate/up projections into one matmul each and give graphed decoding's step a
-        matrix-vector kernel for its products at batch 1 on CUDA (`fuse_decoder_projections`; same weights and checkpoint,
-        no extra memory, so call it once the model is on its device), and decode with a static
-        cache. On CUDA, greedy decoding then replays the compiled step as one CUDA graph
-        (`graphed_decoding`); elsewhere transformers keeps the step eager. The first calls pay the
-        compilation; the cache length is bucketed (`size_static_cache`) so later videos
-        reuse it. Measured on one H200 at 1024 frames: compressor 1.00 s compiled; prefill 0.15 s;
+        matrix-vector kernel for its products at batch 1 on CUDA (`fuse_decoder_projections`; same
+        weights and checkpoint, no extra memory, so call it once the model is on its device), and
+        decode with a static cache. On CUDA, greedy decoding then replays the compiled step as one
+        CUDA graph (`graphed_decoding`); elsewhere transformers keeps the step eager. The first
+        calls pay the compilation; the cache length is bucketed (`size_static_cache`) so later
+        videos reuse it. Measured on one H200 at 1024 frames: compressor 1.00 s compiled; prefill 0.15 s;
         decoding 295 tokens/s. Same function; greedy tokens can differ only by kernel rounding."""
         self.model.compile_compressor(**compile_kwargs)
         fuse_decoder_projections(self.model.language_model)

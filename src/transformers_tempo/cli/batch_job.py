@@ -266,10 +266,9 @@ class VideoDecoder:
     `workers` threads decode the videos in the order the batches need them, at most `ahead` videos
     (twice the batch size, at least `workers`) beyond those held and the batch being answered; the
     model answers meanwhile (PyAV releases the GIL). A video let go and needed again is decoded
-    ahead again. Why several at once: a
-    short video does not keep FFmpeg's threads busy. With fifty 30 s 640x360 H.264 videos sampled
-    to 60 frames each, decoding one at a time held this job to 3.6 videos/s on a 16-core H200
-    machine (decoding 13-18 s of its 14-19 s). Decoding alone on 2 cores: 3.1 videos/s one at a
+    ahead again. Why several at once: a short video does not keep FFmpeg's threads busy. With fifty
+    30 s 640x360 H.264 videos sampled to 60 frames each, decoding one at a time held this job to
+    3.6 videos/s on a 16-core H200 machine (decoding 13-18 s of its 14-19 s). Decoding alone on 2 cores: 3.1 videos/s one at a
     time, 4.3-4.5 two at a time. Which video is held and what is let go is decided in the calling
     thread only (`decode`); the workers only run `load_video`.
     """

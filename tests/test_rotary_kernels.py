@@ -87,6 +87,7 @@ def test_the_kernel_in_tritons_interpreter_equals_the_stock_rotary():
 def test_vision_attention_takes_the_kernel_when_it_applies(monkeypatch):
     """The attention's result is the same with the kernel's output routed in (here the stock split
     standing in for the kernel on the CPU) as with its torch formulation."""
+    from transformers_tempo import fast_paths
     from transformers_tempo.fast_paths import TempoVisionAttention
     from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
 
@@ -107,8 +108,8 @@ def test_vision_attention_takes_the_kernel_when_it_applies(monkeypatch):
             calls.append((tuple(qkv.shape), heads, group))
             return [t.contiguous() for t in stock_split(qkv, cos, sin, heads, group)]
 
-        monkeypatch.setattr(rotary_kernels, "qkv_rotary_applies", lambda *args: True)
-        monkeypatch.setattr(rotary_kernels, "split_qkv_with_rotary", stand_in)
+        monkeypatch.setattr(fast_paths, "qkv_rotary_applies", lambda *args: True)
+        monkeypatch.setattr(fast_paths, "split_qkv_with_rotary", stand_in)
         routed = attention(hidden, cu_seqlens, embeddings, vision_group_size=16)
     assert calls == [((48, 96), 4, 16)]
     torch.testing.assert_close(routed, plain, rtol=1e-5, atol=1e-6)

@@ -44,7 +44,8 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.import_utils import is_torch_greater_or_equal
 
-from . import rotary_kernels
+# (not `from . import`: transformers' remote-code loader only copies modules named in `from .x import`)
+from .rotary_kernels import qkv_rotary_applies, split_qkv_with_rotary
 from .split_kv_attention import split_kv_applies, split_kv_decode_attention
 
 
@@ -79,8 +80,8 @@ class TempoVisionAttention(Qwen3VLVisionAttention):
         qkv = self.qkv(hidden_states)
         cos, sin = position_embeddings
         # (groups, heads, group, d): each group attends only to itself, as in the loop
-        if rotary_kernels.qkv_rotary_applies(qkv, cos, sin, self.num_heads, group):
-            q, k, v = rotary_kernels.split_qkv_with_rotary(qkv, cos, sin, self.num_heads, group)
+        if qkv_rotary_applies(qkv, cos, sin, self.num_heads, group):
+            q, k, v = split_qkv_with_rotary(qkv, cos, sin, self.num_heads, group)
         else:
             q, k, v = qkv.reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
             q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)

@@ -168,19 +168,20 @@ def first_difference(a, b) -> int | None:
     return None if a.shape[1] == b.shape[1] else n
 
 
-def eager_logit_margin(model, prepared, position: int) -> tuple[float, torch.Tensor]:
-    """(smallest top-1 minus top-2 logit over the batch, the tokens) at new token `position` of the
-    eager dynamic-cache loop: a margin within bf16 rounding makes two modes' differing greedy
-    tokens a near tie rather than a wrong step."""
-    graphed = model.graphed_decoding
-    model.graphed_decoding = False
-    try:
-        with torch.inference_mode():
-            out = model.generate(decoder_inputs=prepared, max_new_tokens=position + 1, min_new_tokens=position + 1,
-                                 do_sample=False, output_logits=True, return_dict_in_generate=True)
-    finally:
-        model.graphed_decoding = graphed
-    top = out.logits[position].float().topk(2, dim=-1)
+def eager_logit_margin(model, prepared, prefix: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """(smallest top-1 minus top-2 logit over the batch, the top-1 tokens) of the plain decoder at
+    the new token after `prefix` (batch, tokens), teacher-forced: one forward over the spliced
+    prompt and `prefix`. Given the prefix two modes share before their first differing token, a
+    margin within bf16 rounding makes the difference a near tie rather than a wrong step."""
+    decoder = model.plain_decoder()
+    device = prepared.inputs_embeds.device
+    prefix = prefix.to(device)
+    mask = torch.cat([prepared.attention_mask, prepared.attention_mask.new_ones(prefix.shape)], dim=1)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding, as generate counts them
+    with torch.inference_mode():
+        embeds = torch.cat([prepared.inputs_embeds, decoder.get_input_embeddings()(prefix)], dim=1)
+        logits = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits
+    top = logits[:, -1].float().topk(2, dim=-1)
     return float((top.values[:, 0] - top.values[:, 1]).min()), top.indices[:, 0].cpu()
 
 
@@ -503,13 +504,20 @@ def run_workload(model, processor, frames_count, args, device):
             for other in ("dynamic", "static", args.decode_modes[0]):
                 if other in answers and other != mode:
                     row[f"same_tokens_{mode}_vs_{other}"] = first_difference(out, answers[other])
-        differing = {row[key] for key in row if key.startswith("same_tokens_") and row[key] is not None}
-        for position in sorted(differing):  # how close to a tie the eager loop is there, and whom it agrees with
-            margin, eager = eager_logit_margin(model, prepared, position)
+        differing = {}  # first differing token -> the tokens before it that the two modes share
+        for mode, out in answers.items():
+            for other in answers:
+                position = row.get(f"same_tokens_{mode}_vs_{other}")
+                if position is not None and position < out.shape[1]:
+                    differing.setdefault(position, out[:, :position])
+        for position, shared in sorted(differing.items()):  # how close to a tie the stock eager decoder is there, and whom it agrees with
+            with uncompiled_decoder(model):
+                margin, eager = eager_logit_margin(model, prepared, shared)
             row[f"eager_logit_margin_at_token_{position}"] = margin
             row[f"eager_agrees_at_token_{position}"] = sorted(
                 mode for mode, out in answers.items()
-                if out.shape[1] > position and torch.equal(out[:, position].cpu(), eager)
+                if out.shape[1] > position and torch.equal(out[:, :position].cpu(), shared.cpu())
+                and torch.equal(out[:, position].cpu(), eager)
             )
         model.graphed_decoding = True
         set_fused_projections(model, True)

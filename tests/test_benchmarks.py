@@ -88,18 +88,20 @@ def test_trace_gaps_finds_the_idle_gpu_and_names_the_cpu_op(tmp_path):
     assert "aten::item  |  aten::gelu" in out.stdout
 
 
-def test_eager_logit_margin_is_the_top_two_gap_of_the_plain_decoder(tiny_model, hand_inputs):
-    """bench_e2e's near-tie measure at the first new token equals the gap read off one plain forward."""
+def test_eager_logit_margin_is_the_top_two_gap_of_greedy_generate_after_a_prefix(tiny_model, hand_inputs):
+    """bench_e2e's near-tie measure, teacher-forced after a prefix, equals what the plain greedy loop
+    (its own KV cache, token by token) reports at that token when the prefix is its own answer."""
     sys.path.insert(0, str(BENCHMARKS))
     import bench_e2e
 
-    x = hand_inputs([3]).model_inputs()
+    x = hand_inputs([3, 5]).model_inputs()
     with torch.inference_mode():
         prepared = tiny_model.prepare_generation_inputs(**x)
-        logits = tiny_model.plain_decoder()(
-            inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask
-        ).logits[:, -1].float()
-    margin, tokens = bench_e2e.eager_logit_margin(tiny_model, prepared, 0)
-    top = logits.topk(2, dim=-1)
-    assert margin == pytest.approx(float((top.values[:, 0] - top.values[:, 1]).min()), abs=1e-5)
-    assert torch.equal(tokens, top.indices[:, 0])
+        out = tiny_model.generate(decoder_inputs=prepared, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                                  output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[:, -3:]
+    for position in (0, 2):
+        margin, eager = bench_e2e.eager_logit_margin(tiny_model, prepared, tokens[:, :position])
+        top = out.logits[position].float().topk(2, dim=-1)
+        assert margin == pytest.approx(float((top.values[:, 0] - top.values[:, 1]).min()), abs=1e-4)
+        assert torch.equal(eager, tokens[:, position].cpu())

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import trace_gaps  # noqa: E402
 
 from transformers_tempo import TempoConfig, TempoForConditionalGeneration  # noqa: E402
-from transformers_tempo import fast_paths, frame_geometry, gemv_kernels, rotary_kernels, split_kv_attention  # noqa: E402
+from transformers_tempo import fast_paths, frame_geometry, gemv_kernels, split_kv_attention  # noqa: E402
 from transformers_tempo.fast_paths import TempoDecoderAttention, set_split_decoder_attention  # noqa: E402
 from transformers_tempo.fused_projections import fuse_decoder_projections, set_fused_projections  # noqa: E402
 from transformers_tempo.graphed_decoding import release_graphed_decoding  # noqa: E402
@@ -360,18 +360,6 @@ def run_decode_mode(model, prepared, device, mode: str, args, row: dict, answers
         row[f"answer_{args.long_answer}_tokens_{mode}_produced"] = int(long_out.shape[1])
 
 
-def compressor_pass_seconds(model, compress_args, compress_kwargs, device, rotary_kernel=True) -> float:
-    """One compressor pass after a warm-up pass (which compiles again when the switch changed)."""
-    rotary_kernels.USE_KERNEL = rotary_kernel
-    try:
-        model.compress(*compress_args, **compress_kwargs)
-        t0 = now(device)
-        model.compress(*compress_args, **compress_kwargs)
-        return now(device) - t0
-    finally:
-        rotary_kernels.USE_KERNEL = True
-
-
 def compressor_by_batch_size(model, processor, frames_count, args, device) -> list[dict]:
     """The compressor alone (best of two after a warm-up) and its peak memory at each chunk size."""
     rows = []
@@ -543,10 +531,6 @@ def run_workload(model, processor, frames_count, args, device):
         if args.profile_prefill and frames_count == args.frames_for_profile:
             print(f"wrote {profile_prefill(model, prepared, device, Path(args.out))}", flush=True)
 
-        if args.compare_rotary_kernel:  # the vision rotary and head layout left to inductor, same run
-            row["compressor_torch_rotary_s"], row["compressor_rotary_kernel_s"] = (
-                compressor_pass_seconds(model, compress_args, compress_kwargs, device, rotary_kernel=on) for on in (False, True)
-            )
         if args.compare_stock:  # the same compressor pass with the stock transformers code paths
             model.model.set_fast_paths(False)
             try:
@@ -769,9 +753,6 @@ def main(argv=None):
                    help="with --compile-compressor: specialise on the first shapes (torch.compile's default; "
                    "a new row length recompiles) instead of compiling for any shape")
     p.add_argument("--compare-eager", action="store_true", help="with --compile-compressor: time the eager compressor first")
-    p.add_argument("--compare-rotary-kernel", action="store_true",
-                   help="also time the compressor with the vision rotary and head layout left to inductor "
-                        "(rotary_kernels.USE_KERNEL off), then with the kernel again")
     p.add_argument("--compare-stock", action="store_true", help="also time the compressor with the stock code paths")
     p.add_argument("--trace", action="store_true",
                    help="with --profile: also write gzipped chrome traces and trace_gaps.py's account of idle GPU time")

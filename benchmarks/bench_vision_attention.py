@@ -12,9 +12,6 @@ call, about 1.2 TB/s for the 0.8 GB it moves), next to 78 ms of attention itself
 * ``rotary-halves`` / ``rotary-halves-stack``: the rotary half by half (the same float32 operations
   per element, no negated copy), joined by a concatenation or a stack.
 * ``flash`` / ``cudnn`` / ``efficient``: ``current`` with that sdpa backend forced.
-* ``triton-rotary`` (``-32``, ``-128``): the package's Triton kernel (`rotary_kernels`) for the
-  rotary and the layout in one pass, at 64 (32, 128) patch rows per program; on a CPU, or where
-  the kernel does not apply, ``current``.
 
 Each is compiled, warmed up, then timed with CUDA events (median of `--repeats`). The outputs are
 compared with ``current`` (max abs difference). One chunk of 32 segments of 720p video by default:
@@ -34,8 +31,6 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-
-from transformers_tempo import rotary_kernels
 
 
 def rotate_half(x):
@@ -82,18 +77,6 @@ def rotary_in_layout(x, w, b, pw, pb, cos, sin, heads, group):
     return F.linear(out.transpose(1, 2).reshape(n, -1), pw, pb)
 
 
-def triton_rotary(x, w, b, pw, pb, cos, sin, heads, group):
-    n = x.shape[0]
-    qkv = F.linear(x, w, b)
-    if not rotary_kernels.qkv_rotary_applies(qkv, cos, sin, heads, group):
-        return current(x, w, b, pw, pb, cos, sin, heads, group)
-    q, k, v = rotary_kernels.split_qkv_with_rotary(qkv, cos, sin, heads, group)
-    out = F.scaled_dot_product_attention(q, k, v)
-    return F.linear(out.transpose(1, 2).reshape(n, -1), pw, pb)
-
-
-ROWS_PER_PROGRAM = {"triton-rotary": 64, "triton-rotary-32": 32, "triton-rotary-128": 128}
-
 VARIANTS = {
     "current": lambda *a: current(*a),
     "rotary-in-layout": rotary_in_layout,
@@ -102,7 +85,6 @@ VARIANTS = {
     "flash": lambda *a: current(*a, backend=SDPBackend.FLASH_ATTENTION),
     "cudnn": lambda *a: current(*a, backend=SDPBackend.CUDNN_ATTENTION),
     "efficient": lambda *a: current(*a, backend=SDPBackend.EFFICIENT_ATTENTION),
-    **{name: triton_rotary for name in ROWS_PER_PROGRAM},
 }
 
 
@@ -150,7 +132,6 @@ def main(argv=None):
     rows, reference = [], None
     with torch.inference_mode():
         for name in args.variants:
-            rotary_kernels.ROWS_PER_PROGRAM = ROWS_PER_PROGRAM.get(name, 64)  # read at launch, outside the trace
             fn = torch.compile(VARIANTS[name], dynamic=False)
             try:
                 out = fn(*inputs)

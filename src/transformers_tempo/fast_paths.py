@@ -5,8 +5,7 @@ compressor over hundreds of equal-sized frame groups, where per-group Python loo
 
 * `TempoVisionAttention`: the sdpa path of `Qwen3VLVisionAttention` calls attention once per frame
   group (512 calls per layer for 1024 frames). When every group in the call has the same number of
-  patches (all frames of a video are resized alike) we run one batched sdpa call instead; on a GPU
-  its heads are rotated and laid out for sdpa by one Triton pass (`rotary_kernels`).
+  patches (all frames of a video are resized alike) we run one batched sdpa call instead.
 * `TempoVisionPatchEmbed`: the patch embedding is a Conv3d whose stride equals its kernel, i.e. one
   matmul per patch; cuDNN's bf16 Conv3d is slow for this shape, a Linear on the flattened patch is not.
 * `mrope_position_ids`: `Qwen3VLModel.get_rope_index` loops in Python over rows and token groups;
@@ -44,8 +43,6 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.import_utils import is_torch_greater_or_equal
 
-# (not `from . import`: transformers' remote-code loader only copies modules named in `from .x import`)
-from .rotary_kernels import qkv_rotary_applies, split_qkv_with_rotary
 from .split_kv_attention import split_kv_applies, split_kv_decode_attention
 
 
@@ -77,15 +74,12 @@ class TempoVisionAttention(Qwen3VLVisionAttention):
                 cu_seqlens = cu_seqlens.to(hidden_states.device)
             return super().forward(hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
         seq_length = hidden_states.shape[0]
-        qkv = self.qkv(hidden_states)
+        groups = seq_length // group
+        q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         cos, sin = position_embeddings
-        # (groups, heads, group, d): each group attends only to itself, as in the loop
-        if qkv_rotary_applies(qkv, cos, sin, self.num_heads, group):
-            q, k, v = split_qkv_with_rotary(qkv, cos, sin, self.num_heads, group)
-        else:
-            q, k, v = qkv.reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-            q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-            q, k, v = (t.reshape(seq_length // group, group, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        # (N, heads, d) -> (groups, heads, group, d): each group attends only to itself, as in the loop
+        q, k, v = (t.reshape(groups, group, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scaling)
         out = out.transpose(1, 2).reshape(seq_length, -1)
         return self.proj(out)

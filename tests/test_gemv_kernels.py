@@ -48,7 +48,7 @@ def test_the_kernel_in_tritons_interpreter_equals_a_float32_product():
         import torch
         from transformers_tempo.gemv_kernels import launch_gemv
         gen = torch.Generator().manual_seed(0)
-        for rows, cols, block_n, block_k in [(40, 96, 8, 32), (37, 100, 8, 32), (16, 64, 4, 64)]:
+        for rows, cols, block_n, block_k in [(40, 96, 8, 32), (37, 100, 8, 32), (16, 64, 4, 64), (9, 64, 1, 32), (35, 96, 16, 32)]:
             wide = torch.randn(rows, cols + 8, generator=gen).half()
             for weight in (wide[:, :cols].contiguous(), wide[:, :cols]):
                 x = torch.randn(1, 1, cols, generator=gen).half()
@@ -86,3 +86,4 @@ def test_gemv_on_gpu_is_as_close_to_float32_as_cublas(rows, cols):
     assert error <= max(2 * cublas_error, 1e-2), (error, cublas_error)
     compiled = torch.compile(lambda a, b: gemv(a, b) * 2, fullgraph=True)
     torch.testing.assert_close(compiled(x, weight), out * 2, atol=0, rtol=0)
+

@@ -168,11 +168,11 @@ def first_difference(a, b) -> int | None:
     return None if a.shape[1] == b.shape[1] else n
 
 
-def eager_logit_margin(model, prepared, prefix: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """(smallest top-1 minus top-2 logit over the batch, the top-1 tokens) of the plain decoder at
-    the new token after `prefix` (batch, tokens), teacher-forced: one forward over the spliced
-    prompt and `prefix`. Given the prefix two modes share before their first differing token, a
-    margin within bf16 rounding makes the difference a near tie rather than a wrong step."""
+def eager_logit_margin(model, prepared, prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the top-1 minus top-2 logit and the top-1 token of the decoder as it stands at the
+    new token after `prefix` (batch, tokens), teacher-forced: one forward over the spliced prompt
+    and `prefix`. Given the prefix two modes share before their first differing token, a margin
+    within bf16 rounding makes the difference a near tie rather than a wrong step."""
     decoder = model.plain_decoder()
     device = prepared.inputs_embeds.device
     prefix = prefix.to(device)
@@ -180,9 +180,33 @@ def eager_logit_margin(model, prepared, prefix: torch.Tensor) -> tuple[float, to
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding, as generate counts them
     with torch.inference_mode():
         embeds = torch.cat([prepared.inputs_embeds, decoder.get_input_embeddings()(prefix)], dim=1)
-        logits = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits
+        logits = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1,
+                         use_cache=False).logits
     top = logits[:, -1].float().topk(2, dim=-1)
-    return float((top.values[:, 0] - top.values[:, 1]).min()), top.indices[:, 0].cpu()
+    return (top.values[:, 0] - top.values[:, 1]).cpu(), top.indices[:, 0].cpu()
+
+
+def compare_answers(model, prepared, answers: dict, first_mode: str, row: dict) -> None:
+    """Each mode's greedy tokens against the eager (dynamic) and compiled (static) loops and the
+    first mode: the first differing token; there, the stock eager decoder's (unfused, uncompiled)
+    smallest margin over the batch, teacher-forced along the tokens the two modes share, and which
+    modes with that prefix pick its token."""
+    differing = {}  # first differing token -> the tokens the two modes share before it
+    for mode, out in answers.items():
+        for other in ("dynamic", "static", first_mode):
+            if other in answers and other != mode:
+                position = row[f"same_tokens_{mode}_vs_{other}"] = first_difference(out, answers[other])
+                if position is not None:
+                    differing.setdefault(position, out[:, :position].cpu())
+    set_fused_projections(model, False)
+    with uncompiled_decoder(model):
+        for position, shared in sorted(differing.items()):
+            margins, eager = eager_logit_margin(model, prepared, shared)
+            row[f"eager_logit_margin_at_token_{position}"] = float(margins.min())
+            row[f"eager_agrees_at_token_{position}"] = sorted(
+                mode for mode, out in answers.items()
+                if torch.equal(out[:, :position].cpu(), shared) and torch.equal(out[:, position].cpu(), eager)
+            )
 
 
 # model.graphed_decoding per graphed decode mode (the other modes run transformers' loop)
@@ -487,26 +511,7 @@ def run_workload(model, processor, frames_count, args, device):
             with uncompiled_decoder(model, mode in UNCOMPILED_DECODER_MODES):
                 run_decode_mode(model, prepared, device, mode, args, row, answers)
         fast_paths.SPLIT_KV_DECODING = gemv_kernels.USE_KERNEL = True
-        # greedy tokens against the eager (dynamic) and compiled (static) loops and the first mode
-        for mode, out in answers.items():
-            for other in ("dynamic", "static", args.decode_modes[0]):
-                if other in answers and other != mode:
-                    row[f"same_tokens_{mode}_vs_{other}"] = first_difference(out, answers[other])
-        differing = {}  # first differing token -> the tokens before it that the two modes share
-        for mode, out in answers.items():
-            for other in answers:
-                position = row.get(f"same_tokens_{mode}_vs_{other}")
-                if position is not None and position < out.shape[1]:
-                    differing.setdefault(position, out[:, :position])
-        for position, shared in sorted(differing.items()):  # how close to a tie the stock eager decoder is there, and whom it agrees with
-            with uncompiled_decoder(model):
-                margin, eager = eager_logit_margin(model, prepared, shared)
-            row[f"eager_logit_margin_at_token_{position}"] = margin
-            row[f"eager_agrees_at_token_{position}"] = sorted(
-                mode for mode, out in answers.items()
-                if out.shape[1] > position and torch.equal(out[:, :position].cpu(), shared.cpu())
-                and torch.equal(out[:, position].cpu(), eager)
-            )
+        compare_answers(model, prepared, answers, args.decode_modes[0], row)
         model.graphed_decoding = True
         set_fused_projections(model, True)
         best = min(answers, key=lambda m: row[f"generate_{m}_s"])
@@ -522,7 +527,7 @@ def run_workload(model, processor, frames_count, args, device):
                 timed_generate(model, prepared, device, args.new_tokens, via_tempo_forward=True, **extra)
                 first, rate, total, old = timed_generate(model, prepared, device, args.new_tokens, via_tempo_forward=True, **extra)
                 row[f"tempo_forward_decode_{mode}_tokens_per_s"] = rate
-                row[f"tempo_forward_decode_{mode}_same_tokens"] = bool(torch.equal(old[:, -out.shape[1]:], out))
+                row[f"tempo_forward_decode_{mode}_same_tokens"] = bool(torch.equal(old[:, -answers[mode].shape[1]:], answers[mode]))
         if args.profile_decode and frames_count == args.frames_for_profile:
             for mode in set(args.decode_modes) - {"dynamic"}:
                 with uncompiled_decoder(model, mode in UNCOMPILED_DECODER_MODES):

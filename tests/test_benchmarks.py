@@ -88,20 +88,45 @@ def test_trace_gaps_finds_the_idle_gpu_and_names_the_cpu_op(tmp_path):
     assert "aten::item  |  aten::gelu" in out.stdout
 
 
-def test_eager_logit_margin_is_the_top_two_gap_of_greedy_generate_after_a_prefix(tiny_model, hand_inputs):
-    """bench_e2e's near-tie measure, teacher-forced after a prefix, equals what the plain greedy loop
-    (its own KV cache, token by token) reports at that token when the prefix is its own answer."""
+def test_eager_logit_margin_after_a_prefix_equals_each_rows_own_unpadded_forward(tiny_model, hand_inputs):
+    """bench_e2e's near-tie measure, teacher-forced after a different prefix per row on a left-padded
+    batch, equals the top-2 gap and top token of each row run alone without padding."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import bench_e2e
+
+    x = hand_inputs([3, 5]).model_inputs()
+    prefix = torch.randint(0, tiny_model.config.text_config.vocab_size, (2, 3), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        prepared = tiny_model.prepare_generation_inputs(**x)
+        margins, tokens = bench_e2e.eager_logit_margin(tiny_model, prepared, prefix)
+        decoder = tiny_model.plain_decoder()
+        assert not prepared.attention_mask.bool().all()  # one row is left-padded
+        for row in range(2):
+            kept = prepared.attention_mask[row].bool()
+            embeds = torch.cat([prepared.inputs_embeds[row, kept], decoder.get_input_embeddings()(prefix[row])])
+            logits = decoder(inputs_embeds=embeds[None]).logits[0, -1].float()
+            top = logits.topk(2)
+            assert margins[row].item() == pytest.approx(float(top.values[0] - top.values[1]), abs=1e-4)
+            assert tokens[row].item() == int(top.indices[0])
+
+
+def test_compare_answers_checks_the_first_differing_token_against_the_eager_decoder(tiny_model, hand_inputs):
+    """Two modes that share two tokens and then differ: the first difference, and there the eager
+    margin after the shared tokens and the one mode whose token the eager decoder picks."""
     sys.path.insert(0, str(BENCHMARKS))
     import bench_e2e
 
     x = hand_inputs([3, 5]).model_inputs()
     with torch.inference_mode():
         prepared = tiny_model.prepare_generation_inputs(**x)
-        out = tiny_model.generate(decoder_inputs=prepared, max_new_tokens=3, min_new_tokens=3, do_sample=False,
-                                  output_logits=True, return_dict_in_generate=True)
-    tokens = out.sequences[:, -3:]
-    for position in (0, 2):
-        margin, eager = bench_e2e.eager_logit_margin(tiny_model, prepared, tokens[:, :position])
-        top = out.logits[position].float().topk(2, dim=-1)
-        assert margin == pytest.approx(float((top.values[:, 0] - top.values[:, 1]).min()), abs=1e-4)
-        assert torch.equal(eager, tokens[:, position].cpu())
+        shared = torch.tensor([[5, 6], [7, 8]])
+        margins, eager = bench_e2e.eager_logit_margin(tiny_model, prepared, shared)
+    vocab = tiny_model.config.text_config.vocab_size
+    agreeing = torch.cat([shared, eager[:, None], torch.zeros(2, 1, dtype=torch.long)], dim=1)
+    other = agreeing.clone()
+    other[:, 2] = (eager + 1) % vocab
+    row = {}
+    bench_e2e.compare_answers(tiny_model, prepared, {"static": agreeing, "graphed": other}, "graphed", row)
+    assert row["same_tokens_static_vs_graphed"] == row["same_tokens_graphed_vs_static"] == 2
+    assert row["eager_logit_margin_at_token_2"] == pytest.approx(float(margins.min()))
+    assert row["eager_agrees_at_token_2"] == ["static"]

@@ -74,7 +74,7 @@ def test_the_kernel_in_tritons_interpreter_equals_a_float32_product():
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA device and Triton")
-@pytest.mark.parametrize("rows,cols", [(6144, 2560), (2560, 9728), (1000, 300)])
+@pytest.mark.parametrize("rows,cols", [(6144, 2560), (2560, 9728), (2560, 4096), (19456, 2560), (1000, 300)])
 def test_gemv_on_gpu_is_as_close_to_float32_as_cublas(rows, cols):
     gen = torch.Generator(device="cuda").manual_seed(rows)
     x = torch.randn(1, 1, cols, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -86,4 +86,3 @@ def test_gemv_on_gpu_is_as_close_to_float32_as_cublas(rows, cols):
     assert error <= max(2 * cublas_error, 1e-2), (error, cublas_error)
     compiled = torch.compile(lambda a, b: gemv(a, b) * 2, fullgraph=True)
     torch.testing.assert_close(compiled(x, weight), out * 2, atol=0, rtol=0)
-

@@ -9,8 +9,8 @@ Measured on one H200 (`bench_gemv.py`, the Tempo-6B decoder's shapes, 36 distinc
 from a CUDA graph, microseconds per product): fused gate/up 24.4-24.8 against 29.4 for cuBLAS and
 27.0 for inductor's autotuned kernel; down 13.9 against 17.4 and 16.3; fused q/k/v 9.2 against 10.7
 and 9.8; o 7.3 against 10.2 and 6.5. Per layer 54.8 us against 67.7 for cuBLAS: about 0.47 ms
-less per decoding step over 36 layers. `kernel_settings` holds the fastest settings measured there
-per shape (later runs: o 6.6 us, down 13.7, gate/up 24.3).
+less per decoding step over 36 layers. `kernel_settings` holds the fastest settings of a later,
+finer sweep (`bench_gemv.py --narrow`) per shape: o 6.6 us, down 13.7, gate/up 24.3.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def kernel_settings(rows: int, cols: int) -> tuple[int, int, int, int]:
     The fastest of `bench_gemv.py --narrow`'s settings on one H200 for the Tempo-6B decoder's
     shapes: few output rows (o, down) want one or two rows per program and long tiles, so that
     enough programs stream at once; the fused gate/up 16 rows of short tiles (24.3 us against 24.8
-    at 8 rows: 58 us less per decoding step over the four shapes together)."""
+    at 8 rows). Over the three shapes changed, 58 us less per decoding step; q/k/v keeps 8 rows."""
     if rows <= 4096:
         return (1, 1024, 8, 3) if cols <= 4096 else (2, 1024, 4, 3)  # o: 6.6 us (7.4 at 4 rows), down: 13.7 (13.9)
     return (8, 256, 4, 3) if rows <= 8192 else (16, 256, 8, 1)  # q/k/v, gate/up

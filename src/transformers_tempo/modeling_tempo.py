@@ -1017,8 +1017,8 @@ class TempoForConditionalGeneration(TempoPreTrainedModel, GenerationMixin):
         decode with a static cache. On CUDA, greedy decoding then replays the compiled step as one
         CUDA graph (`graphed_decoding`); elsewhere transformers keeps the step eager. The first
         calls pay the compilation; the cache length is bucketed (`size_static_cache`) so later
-        videos reuse it. Measured on one H200 at 1024 frames: compressor 1.00 s compiled; prefill 0.15 s;
-        decoding 295 tokens/s. Same function; greedy tokens can differ only by kernel rounding."""
+        videos reuse it. Measured on one H200 at 1024 frames: compressor 0.99 s compiled; prefill 0.14 s;
+        decoding 278-300 tokens/s. Same function; greedy tokens can differ only by kernel rounding."""
         self.model.compile_compressor(**compile_kwargs)
         fuse_decoder_projections(self.model.language_model)
         self.model.compile_decoder(**compile_kwargs)

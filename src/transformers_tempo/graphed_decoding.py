@@ -434,7 +434,8 @@ def _compiles_step(device: torch.device, mode, kept: bool) -> bool:
 def _compile_mode(mode) -> str | None:
     """The `torch.compile` mode for the step: `graphed_decoding = True` is inductor's default, a
     string names a mode (e.g. "max-autotune-no-cudagraphs": inductor benchmarks kernel choices for
-    the step's fused kernels; the products in the matrix-vector kernel are outside its choice). Modes that capture CUDA graphs themselves cannot be nested in this graph."""
+    the step's fused kernels; the products in the matrix-vector kernel are outside its choice).
+    Modes that capture CUDA graphs themselves cannot be nested in this graph."""
     if mode is True:
         return None
     if mode not in ("default", "max-autotune-no-cudagraphs"):
